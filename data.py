@@ -1,0 +1,402 @@
+"""
+Training images: prepared once into a flat uint8 file at the target resolution, then memory-mapped.
+
+Decoding 200K JPEGs every epoch would dominate training, so (as nanoGPT does with tokens) each dataset is
+converted once to an (N, res, res, C) uint8 array on disk and every run, and every DDP rank, maps that file.
+
+    data = load_dataset("celeba", 64, data_dir="path/to/celeba")   # prepares the cache on the first call
+    x, y = get_batch(data, 128, generator, "cuda")                 # x in [-1, 1], NCHW, randomly flipped
+
+Under DDP, call prepare_dataset(...) on rank 0 alone, then a barrier, then load_dataset(...) on every rank.
+"""
+
+import gzip
+import io
+import json
+import os
+import re
+import shutil
+import struct
+import urllib.request
+import warnings
+import zipfile
+from dataclasses import dataclass
+from functools import partial
+from multiprocessing import get_context
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+DATASETS = ("celeba", "imagenet", "folder", "mnist", "fashion_mnist")
+PREP_VERSION = 1  # part of every cache key: bump it whenever the preprocessing changes, so old caches rebuild
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+BUNDLED_FASHION_MNIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "fashion_mnist")
+MNIST_DOWNLOAD_DIR = os.path.join("cache", "mnist")  # where MNIST goes when no data_dir is given
+MNIST_URLS = {
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+}
+HINTS = {  # how to get each dataset: appended to every "not found" message
+    "celeba": "download 'Align&Cropped Images' (img_align_celeba.zip) and, for the official train split, "
+    "list_eval_partition.txt from the official CelebA site (mmlab.ie.cuhk.edu.hk/projects/CelebA.html), then "
+    "point data_dir at the folder holding them: DIR/img_align_celeba/000001.jpg ... (or DIR/img_align_celeba.zip) "
+    "and DIR/list_eval_partition.txt",
+    "imagenet": "point data_dir at an ImageNet folder laid out as train/<class>/*.JPEG (or at train/ itself)",
+    "folder": "point data_dir at a folder of images (" + ", ".join(IMAGE_EXTENSIONS) + "; subfolders are searched)",
+    "mnist": "put train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz (or the t10k-... pair) from "
+    + MNIST_URLS["mnist"] + " in data_dir",
+    "fashion_mnist": "put train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz (or the t10k-... pair) from "
+    + MNIST_URLS["fashion_mnist"] + " in data_dir",
+}
+
+
+# -----------------------------------------------------------------------------
+# the prepared data and batches from it
+
+
+@dataclass
+class ImageData:
+    images: np.ndarray  # (N, res, res, C) uint8, memory-mapped
+    labels: np.ndarray | None  # (N,) int64 class labels, or None when unlabelled
+    num_classes: int  # 0 when unlabelled
+    key: str  # names dataset, split, size, resolution and preprocessing version; also keys FID statistics
+
+    @property
+    def res(self):
+        return self.images.shape[1]
+
+    @property
+    def channels(self):
+        return self.images.shape[3]
+
+    def __len__(self):
+        return len(self.images)
+
+
+def get_batch(data, batch_size, generator, device):
+    """Random images (with replacement) as float32 NCHW in [-1, 1], each flipped left-right with chance 1/2.
+    generator is a CPU torch.Generator; give each DDP rank its own seed."""
+    # sorted indices read the memory-mapped file nearly sequentially; batch order does not matter for training
+    index = torch.randint(len(data), (batch_size,), generator=generator).sort().values.numpy()
+    flip = torch.rand(batch_size, generator=generator) < 0.5
+    x = torch.from_numpy(data.images[index])
+    y = None if data.labels is None else torch.from_numpy(data.labels[index])
+    cuda = torch.device(device).type == "cuda"
+    if cuda:  # pinned memory lets the copy run asynchronously; uint8 is a quarter of the bytes of float32
+        x = x.pin_memory()
+    x = x.to(device, non_blocking=cuda)
+    x = torch.where(flip.to(device)[:, None, None, None], x.flip(2), x)  # dim 2 is the width in NHWC
+    x = x.permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1
+    if y is not None:
+        y = y.to(device, non_blocking=cuda)
+    return x, y
+
+
+def to_uint8_images(x):
+    """Inverse of get_batch's scaling: [-1, 1] NCHW tensor -> uint8 NHWC numpy array (values outside are clipped)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+# -----------------------------------------------------------------------------
+# preprocessing
+
+
+def center_crop(image, res):
+    """ADM's centre crop: BOX-halve while the short side stays >= 2*res (cheap, alias-free), then one BICUBIC
+    resize bringing the short side to res, then cut the central res x res square."""
+    while min(image.size) >= 2 * res:
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
+    scale = res / min(image.size)
+    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
+    left, top = (image.width - res) // 2, (image.height - res) // 2
+    return image.crop((left, top, left + res, top + res))
+
+
+_archive = None  # the zip the images are read from, opened once per worker process (a ZipFile can't be shared)
+
+
+def _open_archive(path):
+    global _archive
+    _archive = zipfile.ZipFile(path) if path else None
+
+
+def _image_from_file(item, res, mode):
+    """Decode one image file (a path, or a member of the open zip) and centre-crop it; None if unreadable."""
+    try:
+        with Image.open(io.BytesIO(_archive.read(item)) if _archive else item) as image:
+            return np.asarray(center_crop(image.convert(mode), res))
+    except Exception:  # decoders raise many kinds of error on corrupt files; the caller reports which were skipped
+        return None
+
+
+def _image_from_pixels(pixels, res, mode):
+    return np.asarray(center_crop(Image.fromarray(pixels).convert(mode), res))
+
+
+# -----------------------------------------------------------------------------
+# where each dataset's images come from
+
+
+@dataclass
+class Source:
+    split: str  # which subset: "train", "all", "t10k", or the folder's name
+    root: str  # the data folder; the default cache goes inside it
+    items: list  # what convert takes: file paths, zip member names or pixel arrays
+    names: list  # a readable name per item (its file, relative to root), for messages and the cache metadata
+    convert: Callable  # (item, res, mode) -> (res, res[, C]) uint8 array, or None when unreadable
+    mode: str = "RGB"  # PIL mode of the prepared images: "RGB" or "L"
+    labels: np.ndarray | None = None
+    num_classes: int = 0
+    archive: str | None = None  # the zip holding the items
+    note: str = ""  # told to the user when the cache is built
+
+
+def _is_image(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _list_images(folder):
+    """Image files under folder (recursively) as relative paths, in a stable sorted order."""
+    names = []
+    for parent, _, files in os.walk(folder):
+        names += [os.path.relpath(os.path.join(parent, f), folder) for f in files if _is_image(f)]
+    return sorted(names)
+
+
+def _require_folder(dataset, data_dir):
+    if data_dir is None:
+        raise ValueError(f"dataset {dataset!r} needs data_dir (--data_dir): {HINTS[dataset]}")
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"data folder {data_dir} does not exist: {HINTS[dataset]}")
+
+
+def _celeba_source(data_dir):
+    root, folder, archive = _celeba_location(data_dir)
+    if archive:
+        with zipfile.ZipFile(archive) as z:
+            names = sorted(n for n in z.namelist() if _is_image(n))
+    else:
+        names = _list_images(folder)
+    partition_file = os.path.join(root, "list_eval_partition.txt")
+    if os.path.isfile(partition_file):
+        train = _celeba_train_files(partition_file)
+        split, kept = "train", [n for n in names if os.path.basename(n) in train]
+        note = f"celeba: official train split from list_eval_partition.txt, {len(kept)} of {len(names)} images"
+    else:
+        split, kept = "all", names
+        note = f"celeba: no list_eval_partition.txt in {root}, so using every image ({len(names)})"
+    items = kept if archive else [os.path.join(folder, n) for n in kept]
+    return Source(split, root, items, kept, _image_from_file, archive=archive, note=note)
+
+
+def _celeba_location(data_dir):
+    """(root, image folder, zip) for a data_dir naming the zip, the image folder, or the folder holding either;
+    root is where list_eval_partition.txt would be."""
+    if data_dir is not None and zipfile.is_zipfile(data_dir):
+        return os.path.dirname(os.path.abspath(data_dir)), None, data_dir
+    _require_folder("celeba", data_dir)
+    if os.path.isdir(os.path.join(data_dir, "img_align_celeba")):
+        return data_dir, os.path.join(data_dir, "img_align_celeba"), None
+    if os.path.isfile(os.path.join(data_dir, "img_align_celeba.zip")):
+        return data_dir, None, os.path.join(data_dir, "img_align_celeba.zip")
+    return os.path.dirname(os.path.abspath(data_dir)), data_dir, None  # data_dir is the image folder itself
+
+
+def _celeba_train_files(partition_file):
+    """File names in partition 0 (train) of list_eval_partition.txt, whose lines read '000001.jpg 0'."""
+    with open(partition_file) as f:
+        rows = [line.split() for line in f if line.strip()]
+    return {name for name, part in rows if part == "0"}
+
+
+def _imagenet_source(data_dir):
+    _require_folder("imagenet", data_dir)
+    train = os.path.join(data_dir, "train") if os.path.isdir(os.path.join(data_dir, "train")) else data_dir
+    classes = sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d)))
+    names, labels = [], []
+    for label, name in enumerate(classes):
+        files = _list_images(os.path.join(train, name))
+        names += [os.path.join(name, f) for f in files]
+        labels += [label] * len(files)
+    items = [os.path.join(train, n) for n in names]
+    root = os.path.dirname(os.path.abspath(train))
+    return Source("train", root, items, names, _image_from_file, labels=np.array(labels, np.int64),
+                  num_classes=len(classes))
+
+
+def _folder_source(data_dir):
+    _require_folder("folder", data_dir)
+    names = _list_images(data_dir)
+    split = re.sub(r"[^A-Za-z0-9_.]+", "_", os.path.basename(os.path.abspath(data_dir)))  # "-" separates key parts
+    return Source(split, data_dir, [os.path.join(data_dir, n) for n in names], names, _image_from_file)
+
+
+def _idx_source(dataset, data_dir):
+    """MNIST-style idx.gz files: the train pair when present, else the t10k pair, else download the train pair."""
+    default = BUNDLED_FASHION_MNIST if dataset == "fashion_mnist" else MNIST_DOWNLOAD_DIR
+    folder = data_dir or default
+    if data_dir is not None and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"data_dir {data_dir} is not a folder: {HINTS[dataset]}")
+    for split in ("train", "t10k"):
+        paths = _idx_paths(folder, split)
+        if all(os.path.isfile(p) for p in paths):
+            break
+    else:
+        split, paths = "train", _download_idx(dataset, folder)
+    pixels, labels = (_read_idx(p) for p in paths)
+    if len(pixels) != len(labels):
+        raise ValueError(f"{paths[0]} has {len(pixels)} images but {paths[1]} has {len(labels)} labels: "
+                         f"the two files belong to different sets; {HINTS[dataset]}")
+    image_file = os.path.basename(paths[0])
+    note = "" if split == "train" else f"{dataset}: no train files in {folder}, so using the {len(pixels)} t10k images"
+    return Source(split, folder, list(pixels), [f"{image_file}[{i}]" for i in range(len(pixels))],
+                  _image_from_pixels, mode="L", labels=labels.astype(np.int64), num_classes=int(labels.max()) + 1,
+                  note=note)
+
+
+def _idx_paths(folder, split):
+    return tuple(os.path.join(folder, f"{split}-{kind}-ubyte.gz") for kind in ("images-idx3", "labels-idx1"))
+
+
+def _download_idx(dataset, folder):
+    paths = _idx_paths(folder, "train")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for path in paths:
+            if not os.path.isfile(path):
+                url = MNIST_URLS[dataset] + os.path.basename(path)
+                print(f"downloading {url}")
+                _download(url, path)
+    except OSError as e:  # also catches urllib's URLError when offline
+        raise FileNotFoundError(f"no {dataset} files in {folder} and downloading them failed ({e}): "
+                                f"{HINTS[dataset]}") from e
+    return paths
+
+
+def _download(url, path):
+    part = path + ".part"  # never leave a half-downloaded file under the real name
+    with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
+        shutil.copyfileobj(response, f)
+    os.replace(part, path)
+
+
+def _read_idx(path):
+    """An idx.gz file of unsigned bytes as an array: 2 zero bytes, type 0x08, ndim, then ndim big-endian sizes."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path} is damaged ({e}); delete it and download it again") from e
+    ndim = raw[3] if len(raw) > 4 else 0
+    if raw[:3] != b"\x00\x00\x08" or ndim == 0 or len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path} is not an idx file of unsigned bytes; delete it and download it again")
+    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    if len(raw) - 4 - 4 * ndim != np.prod(shape):
+        raise ValueError(f"{path} is truncated (header says {shape}); delete it and download it again")
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_source(name, data_dir):
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; the known datasets are: {', '.join(DATASETS)}")
+    if name in ("mnist", "fashion_mnist"):
+        source = _idx_source(name, data_dir)
+    else:
+        source = {"celeba": _celeba_source, "imagenet": _imagenet_source, "folder": _folder_source}[name](data_dir)
+    if not source.items:
+        raise FileNotFoundError(f"no {name} images found in {data_dir or source.root}: {HINTS[name]}")
+    return source
+
+
+# -----------------------------------------------------------------------------
+# the cache: <key>.uint8 (the images), <key>.labels.npy, and <key>.json, written last, which marks it complete
+
+
+def prepare_dataset(name, res, data_dir=None, cache_dir=None, workers=None):
+    """Build the cache for this dataset at res x res unless it exists; return the path of its JSON.
+    cache_dir defaults to cache/ inside the data folder when that is writable, else ./cache.
+    workers: processes decoding images (None: one per CPU; 0 or 1: decode in this process)."""
+    if not isinstance(res, int) or res < 1 or res & (res - 1):
+        raise ValueError(f"resolution {res!r} is not a power of two; use one such as 32, 64, 128 or 256")
+    source = _find_source(name, data_dir)
+    key = f"{name}-{source.split}-{len(source.items)}-{res}px-v{PREP_VERSION}"
+    meta_path = os.path.join(cache_dir or _default_cache_dir(source.root), key + ".json")
+    if not os.path.isfile(meta_path):
+        _build_cache(source, res, meta_path, key, os.cpu_count() if workers is None else workers)
+    return meta_path
+
+
+def load_dataset(name, res, data_dir=None, cache_dir=None, workers=None):
+    """The dataset at res x res as memory-mapped uint8 images (prepared on the first call, see prepare_dataset)."""
+    meta_path = prepare_dataset(name, res, data_dir, cache_dir, workers)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    folder = os.path.dirname(meta_path)
+    images = np.memmap(os.path.join(folder, meta["images"]), np.uint8, mode="r", shape=tuple(meta["shape"]))
+    labels = np.load(os.path.join(folder, meta["labels"])) if meta["labels"] else None
+    return ImageData(images, labels, meta["num_classes"], meta["key"])
+
+
+def _default_cache_dir(root):
+    inside = os.path.join(root, "cache")
+    return inside if _is_writable(inside if os.path.isdir(inside) else root) else "cache"
+
+
+def _is_writable(folder):
+    # root passes os.access everywhere, so also honour the folder's own write bits (a shared read-only data set)
+    return os.access(folder, os.W_OK) and bool(os.stat(folder).st_mode & 0o222)
+
+
+def _convert_all(source, res, workers):
+    """Each item as a uint8 array (None where unreadable), in order; decoded by a process pool when workers > 1."""
+    convert = partial(source.convert, res=res, mode=source.mode)
+    if workers <= 1:
+        _open_archive(source.archive)
+        yield from map(convert, source.items)
+        _open_archive(None)
+        return
+    # fork, not spawn: spawned workers would re-run the caller's script (train.py) from the top
+    with get_context("fork").Pool(workers, initializer=_open_archive, initargs=(source.archive,)) as pool:
+        yield from pool.imap(convert, source.items, chunksize=64)
+
+
+def _build_cache(source, res, meta_path, key, workers):
+    if source.note:
+        print(source.note)
+    os.makedirs(os.path.dirname(meta_path) or ".", exist_ok=True)
+    base = meta_path[: -len(".json")]
+    temp = f".tmp{os.getpid()}"  # work under temporary names, renamed only once complete
+    kept, skipped = [], []
+    with open(base + ".uint8" + temp, "wb") as f:  # streamed to disk: full CelebA at 256 px is 39 GB
+        images = _convert_all(source, res, workers)
+        for i, image in enumerate(tqdm(images, total=len(source.items), desc=f"preparing {key}", unit="img")):
+            if image is None:
+                skipped.append(source.names[i])
+            else:
+                f.write(image.tobytes())
+                kept.append(i)
+    if not kept:
+        os.remove(base + ".uint8" + temp)
+        raise RuntimeError(f"none of the {len(skipped)} images in {source.root} could be read "
+                           f"(e.g. {', '.join(skipped[:3])}); check that they are complete image files")
+    if skipped:
+        more = ", ..." if len(skipped) > 5 else ""
+        warnings.warn(f"skipped {len(skipped)} unreadable images of {len(source.items)} in {source.root}: "
+                      f"{', '.join(skipped[:5])}{more}")
+    os.replace(base + ".uint8" + temp, base + ".uint8")
+    if source.labels is not None:
+        with open(base + ".labels.npy" + temp, "wb") as f:
+            np.save(f, source.labels[kept])
+        os.replace(base + ".labels.npy" + temp, base + ".labels.npy")
+    channels = 1 if source.mode == "L" else 3
+    meta = dict(key=key, shape=[len(kept), res, res, channels], images=key + ".uint8",
+                labels=key + ".labels.npy" if source.labels is not None else None,
+                num_classes=source.num_classes, source=os.path.abspath(source.root),
+                files=[source.names[i] for i in kept], skipped=skipped)
+    with open(meta_path + temp, "w") as f:
+        json.dump(meta, f)
+    os.replace(meta_path + temp, meta_path)

@@ -1,0 +1,234 @@
+from dataclasses import replace
+
+import pytest
+import torch
+
+from degrade import ScaleSpace
+from flexi_unet import UNet, UNetConfig, average_gflops, paper_config, parameter_count, path_gflops, tiny_config
+
+
+def randomized(model, seed=0):
+    """The zero-initialised layers make a fresh model output zeros; random weights make every path visible."""
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return model
+
+
+def inputs(res, batch=2, channels=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, channels, res, res, generator=g), torch.randint(0, 1000, (batch,), generator=g)
+
+
+def names(prefix, indices):
+    return {f"{prefix}.{i}" for i in indices}
+
+
+# tiny_config(16, 3) has one res block per level, so encoder = [L0 block, down, L1 block, down, L2 block] and
+# decoder = [L2 block, L2 block + upsample, L1 block, L1 block + upsample, L0 block, L0 block on the stem skip].
+# Which of them each path runs, written out from SPEC 3:
+TINY_PATHS = {
+    (16, 16): names("encoder", range(5)) | names("decoder", range(5)) | {"in_adapters.0", "out_adapters.0"},
+    (8, 8): names("encoder", range(2, 5)) | names("decoder", range(3)) | {"in_adapters.1", "out_adapters.1"},
+    (8, 16): names("encoder", range(2, 5)) | names("decoder", range(5)) | {"in_adapters.1", "out_adapters.0"},
+    (4, 4): {"encoder.4", "decoder.0", "in_adapters.2", "out_adapters.2"},
+    (4, 8): {"encoder.4"} | names("decoder", range(3)) | {"in_adapters.2", "out_adapters.1"},
+}
+ROUTED = ("encoder", "decoder", "in_adapters", "out_adapters")
+
+
+def modules_run(model, x, t, out_res):
+    ran = set()
+    hooks = [module.register_forward_hook(lambda *_, name=f"{group}.{i}": ran.add(name))
+             for group in ROUTED if hasattr(model, group) for i, module in enumerate(getattr(model, group))]
+    model(x, t, out_res)
+    for hook in hooks:
+        hook.remove()
+    return ran
+
+
+@pytest.mark.parametrize("res,levels,channels", [(16, 1, 3), (16, 3, 3), (32, 2, 1), (32, 3, 3)])
+def test_every_path_has_the_right_output_shape(res, levels, channels):
+    model = UNet(tiny_config(res, levels, in_channels=channels))
+    for k in range(levels):
+        r = res >> k
+        x, t = inputs(r, channels=channels)
+        assert model(x, t, r).shape == (2, channels, r, r)
+        if k > 0:
+            assert model(x, t, 2 * r).shape == (2, channels, 2 * r, 2 * r)
+
+
+def test_fresh_model_outputs_zeros():
+    # ADM zero-initialises the head conv, so the untrained network predicts exactly 0 on every path.
+    model = UNet(tiny_config(16, 3))
+    x, t = inputs(8)
+    assert model(x, t, 16).abs().max() == 0
+
+
+@pytest.mark.parametrize("path", sorted(TINY_PATHS))
+def test_blocks_off_the_path_never_run(path):
+    model = UNet(tiny_config(16, 3))
+    x, t = inputs(path[0])
+    assert modules_run(model, x, t, path[1]) == TINY_PATHS[path]
+
+
+def test_full_unet_runs_every_block_including_the_stem_skip_block():
+    model = UNet(tiny_config(16, 3, flexi=False))
+    x, t = inputs(4)
+    assert modules_run(model, x, t, 8) == names("encoder", range(5)) | names("decoder", range(6))
+    assert not hasattr(model, "in_adapters")
+
+
+def owner(param_name):
+    """The routed unit a parameter belongs to: 'decoder.3', 'in_adapters.2', or a shared part such as 'stem'."""
+    parts = param_name.split(".")
+    return ".".join(parts[:2]) if parts[0] in ROUTED else parts[0]
+
+
+@pytest.mark.parametrize("path", [(16, 16), (8, 16), (4, 4)])
+def test_gradients_reach_exactly_the_parameters_on_the_path(path):
+    model = randomized(UNet(tiny_config(16, 3)))
+    x, t = inputs(path[0])
+    model(x, t, path[1]).square().mean().backward()
+    with_grad = {owner(n) for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    without_grad = {owner(n) for n, p in model.named_parameters() if p.grad is None}
+    owners = {owner(n) for n, _ in model.named_parameters()}
+    expected = (TINY_PATHS[path] | {"time_embed", "stem", "middle", "head"}) & owners
+    assert with_grad == expected
+    assert without_grad == owners - expected
+    assert "decoder.5" in without_grad  # the block on the stem skip never runs in the Flexi-UNet
+
+
+def test_compiles_to_one_graph_per_path():
+    # A recording backend keeps this fast on CPU; fullgraph=True fails on any graph break (data-dependent code).
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    model = randomized(UNet(tiny_config(8, 2, base_channels=16, norm_groups=4)))
+    compiled = torch.compile(model, backend=record, fullgraph=True)
+    x, t = inputs(4)
+    for out_res in (8, 4, 8):
+        torch.testing.assert_close(compiled(x, t, out_res), model(x, t, out_res))
+    assert len(graphs) == 2  # one static graph per path, reused on the second 4 -> 8 call
+
+
+def test_channels_last_gives_the_same_output():
+    model = randomized(UNet(tiny_config(16, 3)))
+    x, t = inputs(8)
+    expected = model(x, t, 16)
+    model = model.to(memory_format=torch.channels_last)
+    out = model(x.to(memory_format=torch.channels_last), t, 16)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_class_conditioning_and_null_label():
+    model = randomized(UNet(tiny_config(16, 2, num_classes=3)))
+    x, t = inputs(8)
+    out = {label: model(x, t, 16, y=torch.full((2,), label)) for label in range(4)}
+    assert not torch.allclose(out[0], out[1])
+    assert not torch.allclose(out[0], out[3])
+    torch.testing.assert_close(model(x, t, 16), out[3])  # y=None is the null label, index num_classes
+
+
+def test_unconditional_model_ignores_labels():
+    model = randomized(UNet(tiny_config(16, 2)))
+    x, t = inputs(8)
+    torch.testing.assert_close(model(x, t, 16, y=torch.tensor([0, 1])), model(x, t, 16))
+
+
+def test_timestep_changes_the_output():
+    model = randomized(UNet(tiny_config(16, 2)))
+    x, _ = inputs(8)
+    assert not torch.allclose(model(x, torch.tensor([0, 0]), 8), model(x, torch.tensor([900, 900]), 8))
+
+
+def test_full_unet_shapes_and_resizing():
+    model = randomized(UNet(tiny_config(16, 3, flexi=False)))
+    for r, out_res in [(16, 16), (8, 8), (8, 16), (4, 8), (4, 4)]:
+        x, t = inputs(r)
+        assert model(x, t, out_res).shape == (2, 3, out_res, out_res)
+    # A low-resolution input runs the full path on its nearest-neighbour upsampling.
+    x, t = inputs(8)
+    torch.testing.assert_close(model(x, t, 16), model(x.repeat_interleave(2, 2).repeat_interleave(2, 3), t, 16))
+
+
+def test_bad_requests_are_refused_with_a_clear_message():
+    model = UNet(tiny_config(16, 2))
+    x, t = inputs(8)
+    with pytest.raises(ValueError, match="serves"):
+        model(*inputs(4), 4)
+    with pytest.raises(ValueError, match="twice"):
+        model(*inputs(8), 32)
+    with pytest.raises(ValueError, match="twice"):
+        model(*inputs(16), 32)
+    with pytest.raises(ValueError, match="channels"):
+        model(x[:, :1], t, 8)
+    with pytest.raises(ValueError, match="timestep per image"):
+        model(x, t[:1], 8)
+    with pytest.raises(ValueError, match="levels"):
+        tiny_config(16, 4)
+    with pytest.raises(ValueError, match="divisible"):
+        UNetConfig(res=16, levels=1, base_channels=20, channel_mult=(1, 2))
+
+
+# Hand count, 2 x multiply-adds as torch.utils.flop_counter counts them (bias adds, norms and softmax are free).
+def conv(n, cin, cout, k=3):  # n x n output
+    return 2 * n * n * cin * cout * k * k
+
+
+def linear(cin, cout, rows=1):
+    return 2 * rows * cin * cout
+
+
+def res_block(n, cin, cout, emb=32):
+    skip = conv(n, cin, cout, 1) if cin != cout else 0
+    return conv(n, cin, cout) + conv(n, cout, cout) + skip + linear(emb, 2 * cout)
+
+
+def attention(n, c):  # qkv, q k^T, attention x v, output projection over n*n tokens
+    tokens = n * n
+    return linear(c, 3 * c, tokens) + 2 * tokens * tokens * c + 2 * tokens * tokens * c + linear(c, c, tokens)
+
+
+def test_gflops_equal_a_count_by_hand():
+    # res 8, widths (8, 16), one block per level, attention at 4x4 (level 1 and the middle), grayscale.
+    config = UNetConfig(res=8, levels=2, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                        attn_res=(4,), num_heads=2, norm_groups=4)
+    shared = linear(8, 32) + linear(32, 32)                          # timestep MLP
+    middle = res_block(4, 16, 16) + attention(4, 16) + res_block(4, 16, 16)
+    deep = res_block(4, 8, 16) + attention(4, 16)                     # level-1 encoder block
+    deep_up = res_block(4, 16 + 16, 16) + attention(4, 16)            # decoder block on the level-1 skip
+    upsample = res_block(4, 16 + 8, 16) + attention(4, 16) + conv(8, 16, 16)  # on the downsample skip
+    top = res_block(8, 8, 8) + conv(4, 8, 8)                           # level-0 block and strided downsample
+    top_up = res_block(8, 16 + 8, 8)                                   # decoder block on the level-0 skip
+    hand = {  # widths of level 0 and of the downsample match, so those adapters are identities
+        (8, 8): shared + conv(8, 1, 8) + top + deep + middle + deep_up + upsample + top_up + conv(8, 8, 1),
+        (4, 4): shared + conv(4, 1, 8) + deep + middle + deep_up + conv(4, 16, 8, 1) + conv(4, 8, 1),
+        (4, 8): shared + conv(4, 1, 8) + deep + middle + deep_up + upsample + top_up + conv(8, 8, 1),
+    }
+    model = UNet(config)
+    for (r, out_res), flops in hand.items():
+        assert path_gflops(model, r, out_res) == pytest.approx(flops / 1e9, rel=1e-12)
+    full = UNet(replace(config, flexi=False))
+    full_flops = hand[(8, 8)] - conv(8, 8, 1) + res_block(8, 8 + 8, 8) + conv(8, 8, 1)  # plus the stem-skip block
+    assert path_gflops(full, 4, 4) == pytest.approx(full_flops / 1e9, rel=1e-12)
+
+
+def test_average_gflops_follows_the_schedule():
+    # SPEC 1, 3 levels: transitions at t = 555 and 889; t = 0 outputs the full resolution.
+    model = UNet(tiny_config(16, 3))
+    steps = {(16, 16): 555, (8, 16): 1, (8, 8): 333, (4, 8): 1, (4, 4): 110}
+    expected = sum(n * path_gflops(model, *path) for path, n in steps.items()) / 1000
+    assert average_gflops(model, ScaleSpace(16, 3)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_paper_model_size_and_compute_at_64px():
+    # SPEC 3: 92.26M parameters for the 4-level model; 56.71 GFLOPs for the full-resolution path (the 1L figure).
+    with torch.device("meta"):
+        model = UNet(paper_config(64, 4))
+    assert parameter_count(model) / 1e6 == pytest.approx(92.26, abs=0.01)
+    assert path_gflops(model, 64, 64) == pytest.approx(56.71, abs=0.01)

@@ -1,0 +1,228 @@
+"""The loss and the samplers of ssd.py, end to end on Gaussian data whose ideal denoiser is known."""
+import math
+
+import pytest
+import torch
+
+from degrade import ScaleSpace
+from ssd import (batch_steps, ddim_step, generator_noise, inner_steps, network_denoiser, sample, sampling_steps,
+                 seeded_noise, training_example, weighted_mse)
+
+# --- Gaussian data: x_0 ~ N(m, C) on 8x8 single-channel images, a smooth mean and a smooth covariance -------------
+
+SIZE = 8
+
+
+def gaussian_data():
+    yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    pos = torch.stack([yy.flatten(), xx.flatten()], 1).double()
+    cov = 0.2 * torch.exp(-((pos[:, None] - pos[None]) ** 2).sum(-1) / (2 * 1.5 ** 2)) + 0.02 * torch.eye(SIZE ** 2)
+    mean = 0.4 * torch.sin(pos[:, 0] / 2) * torch.cos(pos[:, 1] / 3)
+    return mean, cov
+
+
+def ideal_denoiser(ss, mean, cov):
+    """E[R_{1:t-1} x_0 | x_t] for Gaussian x_0: R_{1:t-1} (m + C K^T a (a^2 K C K^T + sigma^2 I)^-1 (x_t - a K m))."""
+    dense = [op.dense() for op in ss.cumulative]
+
+    def denoise(x_t, t):
+        K, a, sigma = dense[ss.level_of(t)], float(ss.a[t]), float(ss.sigma[t])
+        gain = a * cov @ K.T @ torch.linalg.inv(a * a * K @ cov @ K.T + sigma ** 2 * torch.eye(K.shape[0]))
+        x0 = mean + (x_t.flatten(1).double() - a * K @ mean) @ gain.T
+        out = dense[ss.target_level(t)]
+        r = ss.sizes[ss.target_level(t)]
+        return (x0 @ out.T).view(-1, 1, r, r).to(x_t.dtype)
+
+    return denoise
+
+
+def exact_output_moments(ss, denoise, method="ancestral", steps=None):
+    """The exact mean and covariance of a sampler's output, without Monte Carlo.
+
+    With a linear denoiser every step is affine in (x_t, xi): x_s = A x_t + L xi + b. Probing the real step code with
+    basis vectors gives A, L and b, and the Gaussian moments propagate exactly: m <- A m + b, C <- A C A^T + L L^T.
+    """
+    def basis(r):
+        return torch.eye(r * r, dtype=torch.float64).view(-1, 1, r, r)
+
+    r = ss.res(ss.T - 1)
+    mean, cov = torch.zeros(r * r, dtype=torch.float64), torch.eye(r * r, dtype=torch.float64)
+    kept = sampling_steps(ss, steps)
+    for t, s in zip(kept, kept[1:] + [None]):
+        r_t, r_s = ss.res(t), ss.sizes[ss.target_level(t)]
+        zero_t, zero_s = torch.zeros(1, 1, r_t, r_t, dtype=torch.float64), torch.zeros(1, 1, r_s, r_s, dtype=torch.float64)
+
+        def step(x, xi):
+            x_hat = denoise(x, t)
+            if t == 0:
+                return x_hat.flatten(1)
+            move = ss.p_step(x, x_hat, t, s, xi=xi) if method == "ancestral" else ddim_step(ss, x, x_hat, t, s, xi)
+            return move.flatten(1)
+
+        b = step(zero_t, zero_s)[0]
+        A = (step(basis(r_t), zero_s.expand(r_t * r_t, -1, -1, -1)) - b).T
+        L = (step(zero_t.expand(r_s * r_s, -1, -1, -1), basis(r_s)) - b).T
+        mean, cov = A @ mean + b, A @ cov @ A.T + L @ L.T
+    return mean, cov
+
+
+def relative_error(estimate, truth):
+    return float((estimate - truth).norm() / truth.norm())
+
+
+@pytest.fixture(scope="module")
+def gaussian():
+    ss = ScaleSpace(SIZE, 3)  # 8 -> 4 -> 2
+    mean, cov = gaussian_data()
+    return ss, mean, cov, ideal_denoiser(ss, mean, cov)
+
+
+def test_ancestral_sampler_reproduces_gaussian_data(gaussian):
+    """All 1000 exact posterior steps: the output law equals the data's up to the plug-in (fixed-small) bias."""
+    ss, mean, cov, denoise = gaussian
+    out_mean, out_cov = exact_output_moments(ss, denoise)
+    assert (out_mean - mean).abs().max() < 1e-5
+    assert relative_error(out_cov, cov) < 0.02  # measured 0.0115: the uncertainty of x_0 that the plug-in ignores
+    # The same check fails when the resolution-increasing steps use isotropic noise (paper supplement, Fig. 10).
+    ss_iso = ScaleSpace(SIZE, 3)
+    iso = lambda xi, t, s=None: float(ss_iso.sigma[s]) * math.sqrt(1 - ss_iso.pair(t, s)[1] * ss_iso.pair(t, s)[0] ** 2) * xi
+    ss_iso.posterior_noise = iso
+    _, iso_cov = exact_output_moments(ss_iso, ideal_denoiser(ss_iso, mean, cov))
+    assert relative_error(iso_cov, cov) > 0.04  # measured 0.061, five times the exact sampler's error
+
+
+@pytest.mark.parametrize("steps,bound", [(250, 0.05), (100, 0.1)])
+def test_respaced_sampler(gaussian, steps, bound):
+    """Respaced steps (composed operators, c = sqrt(abar_t / abar_s)): exact mean, covariance within the bound."""
+    ss, mean, cov, denoise = gaussian
+    out_mean, out_cov = exact_output_moments(ss, denoise, steps=steps)
+    assert (out_mean - mean).abs().max() < 1e-5
+    assert relative_error(out_cov, cov) < bound  # measured 0.035 (250 steps) and 0.078 (100 steps)
+
+
+def test_ddim_sampler(gaussian):
+    ss, mean, cov, denoise = gaussian
+    out_mean, out_cov = exact_output_moments(ss, denoise, method="ddim", steps=100)
+    assert (out_mean - mean).abs().max() < 2e-3
+    assert relative_error(out_cov, cov) < 0.1  # measured 0.052 at 100 steps
+
+
+@pytest.mark.parametrize("method,steps", [("ancestral", None), ("ddim", 50)])
+def test_sample_loop_matches_exact_moments(gaussian, method, steps):
+    """Monte Carlo through sample(): the samples have the moments that the exact propagation predicts."""
+    ss, mean, cov, denoise = gaussian
+    n = 3000
+    x = sample(denoise, ss, n, 1, steps=steps, method=method,
+               noise=generator_noise(torch.Generator().manual_seed(1)))
+    assert x.shape == (n, 1, SIZE, SIZE)
+    exact_mean, exact_cov = exact_output_moments(ss, denoise, method, steps)
+    flat = x.flatten(1).double()
+    z = (flat.mean(0) - exact_mean) / (exact_cov.diag() / n).sqrt()
+    assert z.abs().max() < 4.5
+    # Expected Frobenius error of a sample covariance: sqrt((tr C)^2 + tr C^2) / sqrt(n).
+    mc = math.sqrt(exact_cov.trace() ** 2 + (exact_cov @ exact_cov).trace()) / math.sqrt(n)
+    assert float((torch.cov(flat.T) - exact_cov).norm()) < 3 * mc
+
+
+def test_sample_records_progression(gaussian):
+    ss, _, _, denoise = gaussian
+    x, frames = sample(denoise, ss, 4, 1, steps=20, record={999, 0})
+    assert [t for t, _, _ in frames] == [999, 0]
+    assert frames[0][1].shape[-1] == 2 and frames[-1][2].shape[-1] == SIZE and torch.equal(frames[-1][2], x)
+
+
+# --- respacing ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("levels,steps", [(4, 100), (4, 250), (4, 10), (1, 50), (6, 20)])
+def test_sampling_steps_keep_every_transition(levels, steps):
+    ss = ScaleSpace(256, levels)
+    kept = sampling_steps(ss, steps)
+    assert len(kept) == steps and kept == sorted(set(kept), reverse=True)
+    assert kept[0] == ss.T - 1 and kept[-1] == 0 and set(ss.transitions) <= set(kept)
+    with pytest.raises(ValueError, match="at least"):
+        sampling_steps(ScaleSpace(64, 4), 4)
+
+
+# --- training -------------------------------------------------------------------------------------------------------
+
+def test_batch_steps_rule():
+    ss = ScaleSpace(64, 4)
+    shared, local = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    draws = [batch_steps(ss, 16, shared, local) for _ in range(3000)]
+    for t in draws:
+        assert len({ss.level_of(int(s)) for s in t}) == 1  # one input resolution per batch
+        assert len({ss.target_level(int(s)) for s in t}) == 1  # and one output resolution
+    transitions = sum(int(t[0]) in ss.transitions for t in draws)
+    assert transitions < 20  # the paper's rule: each transition gets 1/T of the batches, 9 expected here
+    # Inside levels the share of batches follows the number of steps (level 0: 437 of 997 inner steps).
+    level0 = sum(ss.level_of(int(t[0])) == 0 and int(t[0]) not in ss.transitions for t in draws) / len(draws)
+    assert level0 == pytest.approx(437 / 997, abs=0.03)
+    shared = torch.Generator().manual_seed(0)
+    boosted = [batch_steps(ss, 4, shared, local, transition_share=0.1) for _ in range(2000)]
+    assert sum(int(t[0]) in ss.transitions for t in boosted) / 2000 == pytest.approx(0.1, abs=0.02)
+    assert sum(len(s) for s in inner_steps(ss)) == ss.T - len(ss.transitions)
+
+
+def test_ranks_share_the_level_sequence():
+    """Two DDP ranks: same shared seed, different local seeds -> same levels, different per-image steps."""
+    ss = ScaleSpace(64, 4)
+    ranks = [(torch.Generator().manual_seed(7), torch.Generator().manual_seed(100 + r)) for r in range(2)]
+    seq = [[batch_steps(ss, 8, *gens, transition_share=0.05) for _ in range(300)] for gens in ranks]
+    assert [ss.level_of(t) for t in seq[0]] == [ss.level_of(t) for t in seq[1]]
+    assert [ss.target_level(t) for t in seq[0]] == [ss.target_level(t) for t in seq[1]]
+    assert any(not torch.equal(a, b) for a, b in zip(*seq))
+
+
+def test_training_example_targets_and_weights():
+    ss = ScaleSpace(16, 3)
+    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    t = torch.full((4,), ss.transitions[0])
+    x_t, target, weight = training_example(ss, x0, t)
+    assert x_t.shape[-1] == 8 and target.shape[-1] == 16 and torch.equal(target, x0)
+    assert torch.allclose(weight, ss.snr[t].clamp(max=5).float())
+    t = torch.full((4,), 700)
+    x_t, target, _ = training_example(ss, x0, t)
+    assert torch.allclose(target, ss.cumulative[1](x0)) and x_t.shape[-1] == 8
+    loss = weighted_mse(target + 0.1, target, torch.ones(4))
+    assert torch.allclose(loss, torch.full((4,), 0.01))
+    base = ScaleSpace(16, 1)
+    noise = torch.randn(4, 3, 16, 16)
+    _, target, weight = training_example(base, x0, t, parameterisation="eps", noise=noise)
+    assert torch.equal(target, noise) and torch.allclose(weight, (base.snr[t].clamp(max=5) / base.snr[t]).float())
+    with pytest.raises(ValueError, match="one-level"):
+        training_example(ss, x0, t, parameterisation="eps")
+
+
+# --- noise and the network wrapper -----------------------------------------------------------------------------------
+
+def test_seeded_noise_is_per_image_and_gaussian():
+    a = seeded_noise(torch.arange(0, 6))(3, (6, 3, 8, 8))
+    b = seeded_noise(torch.arange(4, 8))(3, (4, 3, 8, 8))
+    assert torch.equal(a[4:], b[:2])  # image k is the same whatever the batch
+    assert not torch.equal(seeded_noise(torch.arange(2))(4, (2, 3, 8, 8)), seeded_noise(torch.arange(2))(3, (2, 3, 8, 8)))
+    z = seeded_noise(torch.arange(500))(11, (500, 1, 32, 32)).double()
+    n = z.numel()
+    assert abs(z.mean()) < 4 / math.sqrt(n) and abs(z.var() - 1) < 6 * math.sqrt(2 / n)
+    assert abs((z ** 4).mean() - 3) < 0.05  # Gaussian kurtosis
+    corr = torch.corrcoef(z.flatten(1)[:, :256])
+    assert (corr - torch.eye(500, dtype=torch.float64)).abs().max() < 0.3
+
+
+def test_network_denoiser_routes_resolutions_and_parameterisations():
+    ss = ScaleSpace(16, 3)
+    calls = []
+
+    def net(x, t, out_res, y):
+        calls.append((x.shape[-1], out_res, int(t[0]), y))
+        return torch.full((x.shape[0], 3, out_res, out_res), 2.0 if y is None else 0.5)
+
+    denoise = network_denoiser(net, ss)
+    assert denoise(torch.zeros(2, 3, 8, 8), ss.transitions[0]).shape[-1] == 16
+    assert calls[-1][:3] == (8, 16, ss.transitions[0])
+    assert denoise(torch.zeros(2, 3, 16, 16), 5).max() == 1  # clamped to [-1, 1]
+    guided = network_denoiser(net, ss, y=torch.tensor([1, 2]), cfg_scale=3.0, clip=False)
+    assert torch.allclose(guided(torch.zeros(2, 3, 16, 16), 5), torch.tensor(2.0 + 3 * (0.5 - 2.0)))
+    base = ScaleSpace(16, 1)
+    eps = network_denoiser(lambda x, t, r, y: torch.ones_like(x), base, parameterisation="eps", clip=False)
+    x_t = torch.randn(1, 3, 16, 16)
+    assert torch.allclose(eps(x_t, 500), (x_t - float(base.sigma[500])) / float(base.a[500]))
