@@ -13,6 +13,7 @@ Under DDP, call prepare_dataset(...) on rank 0 alone, then a barrier, then load_
 import gzip
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -99,6 +100,19 @@ def to_uint8_images(x):
     """Inverse of get_batch's scaling: [-1, 1] NCHW tensor -> uint8 NHWC numpy array (values outside are clipped)."""
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(x, path, nrow=None):
+    """Save a [-1, 1] NCHW batch as one PNG grid (nrow images per row, square by default), 2-px gaps."""
+    images = to_uint8_images(x)
+    n, h, w, c = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + 2) + 2, nrow * (w + 2) + 2, c), 255, np.uint8)
+    for k, image in enumerate(images):
+        top, left = 2 + (k // nrow) * (h + 2), 2 + (k % nrow) * (w + 2)
+        grid[top:top + h, left:left + w] = image
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
 
 
 # -----------------------------------------------------------------------------

@@ -39,6 +39,7 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+import torch._dynamo
 import torch.nn as nn
 import torch.nn.functional as F
 from degrade import ScaleSpace
@@ -235,6 +236,19 @@ class UNet(nn.Module):
 
         self.head = nn.Sequential(nn.GroupNorm(cfg.norm_groups, widths[0]), nn.SiLU(),
                                   zero_init(nn.Conv2d(widths[0], cfg.in_channels, 3, padding=1)))
+
+    def compile_blocks(self):
+        """Regional compilation: torch.compile each block (residual block, attention, upsample) on its own.
+
+        A block always runs at its own level's resolution, whatever the path, so the blocks compile once each and
+        every (input, output) path reuses them; blocks of the same shapes share one compiled graph. Compiling the
+        whole network instead costs one large graph per path and minutes per path.
+        """
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+        for module in self.modules():
+            if isinstance(module, Block):
+                module.compile(dynamic=False)
+        return self
 
     def first_skip(self, level):
         """Index in the skip list of the first skip made inside `level` (index 0 is the stem)."""

@@ -1,0 +1,151 @@
+"""Tests for sample.py on tiny 16 px, 2-level checkpoints trained here for two steps (CPU, seconds)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RES = 16  # bundled Fashion-MNIST at 16 px: 2 levels (16, 8)
+CELL = RES + 2  # grids leave 2-px gaps
+STEPS = "5"  # respaced sampling steps (2 levels need at least 3)
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data_cache"))
+
+
+def train_tiny(folder, data_cache, *extra):
+    # lr 1e-2 moves the zero-initialised output layers enough that images depend visibly on their noise
+    train.main(["--out_dir", str(folder), "--res", str(RES), "--cache_dir", data_cache, "--max_steps", "2",
+                "--batch_size", "4", "--lr", "1e-2", "--sample_every", "0", "--sample_n", "2", "--sample_steps", "3",
+                *extra])
+    return str(folder / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, data_cache):
+    return train_tiny(tmp_path_factory.mktemp("uncond"), data_cache)
+
+
+@pytest.fixture(scope="module")
+def cond_ckpt(tmp_path_factory, data_cache):
+    return train_tiny(tmp_path_factory.mktemp("cond"), data_cache, "--class_cond", "True")
+
+
+def test_cli_without_checkpoint_says_how_to_train_one(tmp_path):
+    result = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "ckpt.pt")], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "python train.py" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+def test_grid_has_one_cell_per_image(ckpt, tmp_path, capsys, sampler):
+    out = tmp_path / "grid.png"
+    sample.main(["--ckpt", ckpt, "--n", "5", "--steps", STEPS, "--sampler", sampler, "--out", str(out)])
+    with Image.open(out) as im:  # 5 images: 3 per row, 2 rows
+        assert (im.format, im.mode, im.size) == ("PNG", "L", (3 * CELL + 2, 2 * CELL + 2))
+    assert "images/s" in capsys.readouterr().out
+
+
+def test_image_k_does_not_depend_on_the_batch(ckpt):
+    model, ss, cfg = sample.load_model(ckpt)
+    reference = sample.generate(model, ss, cfg, 8, seed=3, steps=int(STEPS), batch_size=8)
+    assert (reference[0] - reference[1]).abs().max() > 1e-2  # distinct noise gives distinct images
+    for batch_size in (1, 3):
+        x = sample.generate(model, ss, cfg, 8, seed=3, steps=int(STEPS), batch_size=batch_size)
+        torch.testing.assert_close(x, reference, atol=1e-5, rtol=0)  # batched convolutions round differently
+    later = sample.generate(model, ss, cfg, 3, seed=3, steps=int(STEPS), batch_size=2, first_index=5)
+    torch.testing.assert_close(later, reference[5:], atol=1e-5, rtol=0)
+    other_seed = sample.generate(model, ss, cfg, 1, seed=4, steps=int(STEPS))
+    assert (other_seed[0] - reference[0]).abs().max() > 1e-2
+
+
+def test_outdir_writes_one_png_per_image_named_by_index(ckpt, tmp_path):
+    out = tmp_path / "samples"
+    sample.main(["--ckpt", ckpt, "--n", "5", "--batch_size", "2", "--steps", STEPS, "--outdir", str(out)])
+    assert sorted(os.listdir(out)) == [f"{k:06d}.png" for k in range(5)]
+    for name in os.listdir(out):
+        with Image.open(out / name) as im:
+            assert (im.format, im.size) == ("PNG", (RES, RES))
+    model, ss, cfg = sample.load_model(ckpt)
+    third = sample.generate(model, ss, cfg, 1, steps=int(STEPS), first_index=3)
+    with Image.open(out / "000003.png") as im:
+        written = torch.tensor(list(im.getdata()), dtype=torch.float32).view(1, 1, RES, RES) / 127.5 - 1
+    torch.testing.assert_close(written, third, atol=1.01 / 127.5, rtol=0)  # uint8 rounding
+
+
+def test_progression_strip_and_gif(ckpt, tmp_path):
+    out = tmp_path / "progression.png"
+    sample.main(["--ckpt", ckpt, "--progression", "--n", "2", "--steps", "20", "--frames", "8", "--out", str(out)])
+    with Image.open(tmp_path / "progression.gif") as gif:
+        frames = gif.n_frames
+        assert gif.size == (2 * RES, 2 * RES)  # x_t | x_hat side by side, 2 images stacked
+    assert frames >= 5
+    with Image.open(out) as strip:  # a row of x_t and a row of x_hat per image, one column per frame
+        assert strip.size == (frames * CELL + 2, 2 * 2 * CELL + 2)
+
+    model, ss, cfg = sample.load_model(ckpt)
+    shown = sample.save_progression(model, ss, cfg, str(out), str(tmp_path / "p.gif"), n=1, steps=20, frames=8)
+    assert shown[0] == ss.T - 1 and shown[-1] == 0 and set(ss.transitions) <= set(shown)
+    assert shown == sorted(shown, reverse=True)
+
+
+def test_class_conditional_labels_and_guidance(cond_ckpt, tmp_path):
+    out = tmp_path / "grid.png"
+    sample.main(["--ckpt", cond_ckpt, "--n", "4", "--steps", STEPS, "--label", "1,2", "--cfg", "2", "--out", str(out)])
+    assert os.path.isfile(out)
+    with pytest.raises(SystemExit, match="out of range.*10 classes"):
+        sample.main(["--ckpt", cond_ckpt, "--label", "10", "--out", str(out)])
+    with pytest.raises(SystemExit, match="class number or a comma-separated list"):
+        sample.main(["--ckpt", cond_ckpt, "--label", "cat", "--out", str(out)])
+
+    model, ss, cfg = sample.load_model(cond_ckpt)
+    make = lambda labels, scale=1.0: sample.generate(model, ss, cfg, 2, steps=int(STEPS), labels=labels,
+                                                     cfg_scale=scale)
+    cycled, threes, sevens = make([3, 7]), make([3]), make([7])
+    torch.testing.assert_close(cycled[0], threes[0])  # image k gets labels[k mod len(labels)]
+    torch.testing.assert_close(cycled[1], sevens[1])
+    assert not torch.allclose(threes, sevens)  # the label reaches the network
+    assert not torch.allclose(make([3], 3.0), threes)  # and so does the guidance scale
+
+
+def test_labels_on_an_unconditional_model_fail_clearly(ckpt, tmp_path):
+    with pytest.raises(SystemExit, match="class-conditional checkpoint.*--class_cond True"):
+        sample.main(["--ckpt", ckpt, "--label", "1", "--out", str(tmp_path / "grid.png")])
+
+
+def test_weights_that_do_not_fit_the_config_fail_clearly(ckpt, tmp_path):
+    state = torch.load(ckpt, weights_only=True)
+    state["ema"].pop(next(iter(state["ema"])))
+    broken = tmp_path / "ckpt.pt"
+    torch.save(state, broken)
+    with pytest.raises(ValueError, match="do not fit the model its config describes"):
+        sample.load_model(str(broken))
+
+
+def test_fid_is_printed_and_recorded(ckpt, tmp_path, capsys):
+    # A tiny random feature network stands in for Inception (fid.py takes any TorchScript file).
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 13, stride=13), torch.nn.AdaptiveAvgPool2d(2),
+                              torch.nn.Flatten())
+    torch.jit.save(torch.jit.script(net), tmp_path / "features.pt")
+    metrics = tmp_path / "metrics.json"
+    sample.main(["--ckpt", ckpt, "--n", "6", "--steps", STEPS, "--outdir", str(tmp_path / "samples"), "--fid",
+                 "--inception", str(tmp_path / "features.pt"), "--fid_ref_max", "16",
+                 "--cache_dir", str(tmp_path / "cache"), "--metrics", str(metrics)])
+    record = json.loads(metrics.read_text())
+    assert math.isfinite(record["fid"]) and record["fid"] > 0
+    assert (record["n"], record["n_ref"], record["steps"], record["sampler"]) == (6, 16, int(STEPS), "ancestral")
+    assert record["images_per_s"] == pytest.approx(6 / record["seconds"])
+    assert f"FID {record['fid']:.4f}" in capsys.readouterr().out
