@@ -6,7 +6,7 @@ Draw images from a trained Scale Space Diffusion model (its EMA weights).
     python sample.py --progression                     # x_t and x_hat across the scales: out/progression.png and .gif
     python sample.py --label 3 --cfg 2                 # class-conditional models: class 3, guidance scale 2
     python sample.py --n 50000 --outdir samples --fid --metrics fid.json   # one PNG per sample, then their FID
-    torchrun --nproc_per_node=8 sample.py --n 50000 --outdir samples       # the same files, split over 8 GPUs
+    torchrun --nproc_per_node=8 sample.py --num_samples 50000 --outdir samples   # the same files over 8 GPUs
 
 Image k is drawn from noise seeded by --seed + k alone (ssd.seeded_noise), so it is the same whatever the batch size
 or the number of GPUs; --seed 50000 draws a set disjoint from the 50,000 images of --seed 0.
@@ -44,7 +44,7 @@ def load_model(ckpt_path, device="cpu", use_ema=True):
     try:
         model.load_state_dict(ckpt[weights])  # strict: every weight must fit, none may be left over
     except RuntimeError as e:
-        detail = " ".join(str(e).split())[:400]
+        detail = " ".join(str(e).split())[:400].rstrip(".")
         raise ValueError(f"the {weights} weights in {ckpt_path} do not fit the model its config describes "
                          f"({cfg['model']} UNet, {cfg['res']} px, {cfg['levels']} levels): {detail}. Was it written by "
                          f"another version of flexi_unet.py, or edited?") from None
@@ -70,9 +70,9 @@ def class_labels(cfg, labels=None, cfg_scale=1.0):
         return None
     classes = torch.arange(num_classes) if labels is None else torch.tensor(labels, dtype=torch.long)
     bad = [int(c) for c in classes if not 0 <= c < num_classes]
-    if bad or not len(classes):
-        raise ValueError(f"label {bad[0] if bad else 'list'} is out of range: the model has {num_classes} classes, "
-                         f"numbered 0 to {num_classes - 1}")
+    if bad:
+        raise ValueError(f"label {bad[0]} is out of range: the model has {num_classes} classes, numbered 0 to "
+                         f"{num_classes - 1}")
     return classes
 
 
@@ -214,7 +214,8 @@ def fid_of_samples(args, n, extractor, data):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=os.path.join(DEFAULTS["out_dir"], "ckpt.pt"), help="checkpoint from train.py")
-    p.add_argument("--n", type=int, help="images (default: 36 for a grid, 4 for --progression, 50000 for --outdir)")
+    p.add_argument("--n", "--num_samples", dest="n", type=int,  # torchrun reads --n as its own (ambiguous) option
+                   help="images (default: 36 for a grid, 4 for --progression, 50000 for --outdir)")
     p.add_argument("--batch_size", type=int, default=128, help="images per forward pass on one device")
     p.add_argument("--seed", type=int, default=0, help="image k uses noise seed seed + k")
     p.add_argument("--sampler", choices=("ancestral", "ddim"), default="ancestral")
@@ -257,14 +258,13 @@ def main(argv=None):
 def prepare(args, device, n, batch_size, verbose=True):
     """(network, scale space, config, labels): the network compiled and warmed up on every resolution path at
     batch_size if asked."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model, ss, cfg = load_model(args.ckpt, device)
     labels = parse_labels(args.label) if args.label else None
     class_labels(cfg, labels, args.cfg)  # a wrong label fails now, not after compiling
     if n < 1 or args.batch_size < 1:
         raise ValueError(f"--n and --batch_size must be positive, got {n} and {args.batch_size}")
-    if not (device.type == "cuda" if args.compile is None else args.compile):
+    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    if not use_compile:
         return model, ss, cfg, labels
     net = compile_model(model, cfg["levels"])
     start = time.time()
@@ -326,7 +326,7 @@ def elapsed(start, device, world):
     """Seconds since start on the slowest rank (all ranks wait here, so every file is written afterwards)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = torch.tensor(time.time() - start, device=device)
+    seconds = torch.tensor(time.time() - start, dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
     return float(seconds)

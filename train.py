@@ -228,7 +228,8 @@ class Trainer:
         cfg["transitions"] = self.ss.transitions
         self.data = self.load_data()
         if cfg["class_cond"] and not self.data.num_classes:
-            raise ValueError(f"--class_cond True needs class labels and {cfg['dataset']} has none; use --class_cond False")
+            raise ValueError(f"--class_cond True needs class labels and {cfg['dataset']} has none; "
+                             "use --class_cond False")
         cfg.update(channels=self.data.channels, num_classes=self.data.num_classes if cfg["class_cond"] else 0)
         torch.manual_seed(cfg["seed"])  # the initial weights: the same on every rank, and set by --seed
         self.model = build_model(cfg).to(self.device)

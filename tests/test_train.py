@@ -86,7 +86,7 @@ def test_tiny_run_writes_checkpoint_log_and_samples(tmp_path, cache_dir):
     assert all(type(v) in (str, int, float, bool, list, type(None)) for v in ckpt["config"].values())
     assert len(ckpt["rng"]) == 1 and set(ckpt["rng"][0]) == {"shared", "local", "noise"}
     assert len(ckpt["optimizer"]["state"]) > 0
-    # The EMA is warmed up, so after 3 steps it has moved from the initial weights but is not the model.
+    # The EMA averages the weights: after 3 steps it is not the model's last weights.
     model, ema = ckpt["model"], ckpt["ema"]
     assert model.keys() == ema.keys()
     assert any(not torch.equal(model[k], ema[k]) for k in model)
@@ -98,6 +98,48 @@ def test_tiny_run_writes_checkpoint_log_and_samples(tmp_path, cache_dir):
 
     with Image.open(tmp_path / "samples_0000003.png") as grid:
         assert grid.mode == "L" and grid.size == (2 * 18 + 2, 2 * 18 + 2)  # 2 x 2 grayscale images, 2-px gaps
+
+
+def test_a_fresh_run_starts_a_new_log(tmp_path, cache_dir):
+    for _ in range(2):
+        fit(tmp_path, cache_dir, "--max_steps", "1", "--sample_every", "0")
+    assert [r["step"] for r in read_log(tmp_path)] == [1]
+
+
+def test_time_budget_stops_at_a_log_with_a_checkpoint(tmp_path, cache_dir):
+    ckpt = fit(tmp_path, cache_dir, "--max_steps", "100", "--log_every", "2", "--time_budget", "1e-9")
+    assert ckpt["step"] == 2 and (tmp_path / "samples_0000002.png").is_file()
+
+
+def test_micro_batches_accumulate_the_same_gradient(tmp_path, cache_dir):
+    whole = fit(tmp_path / "whole", cache_dir, "--max_steps", "2", "--sample_every", "0")
+    parts = fit(tmp_path / "parts", cache_dir, "--max_steps", "2", "--sample_every", "0", "--micro_batch", "2")
+    for key, value in whole["model"].items():
+        torch.testing.assert_close(parts["model"][key], value, rtol=0, atol=1e-6, msg=key)
+    losses = [read_log(tmp_path / name)[-1]["loss"] for name in ("whole", "parts")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)  # the logged loss is the batch mean either way
+
+
+def test_class_conditional_run(tmp_path, cache_dir):
+    ckpt = fit(tmp_path, cache_dir, "--class_cond", "True", "--max_steps", "2", "--sample_every", "0")
+    assert ckpt["config"]["num_classes"] == 10
+    assert ckpt["model"]["label_embed.weight"].shape[0] == 11  # and the null label of classifier-free guidance
+
+
+@pytest.mark.parametrize("args, paths", [
+    (["--transition_share", "1"], {"8->16"}),  # every batch on the resolution-changing step
+    (["--baseline", "eps"], {"16->16"}),  # DDPM-eps on the full UNet: one level
+])
+def test_options_train(tmp_path, cache_dir, args, paths):
+    fit(tmp_path, cache_dir, "--max_steps", "2", "--log_every", "1", "--sample_every", "0", *args)
+    assert all(set(r["loss_per_path"]) == paths and math.isfinite(r["loss"]) for r in read_log(tmp_path))
+
+
+def test_seed_sets_the_initial_weights(tmp_path, cache_dir):
+    first, again, other = (train.Trainer(tiny_config(tmp_path, cache_dir, "--seed", seed)) for seed in "001")
+    weights = [t.model.stem.weight for t in (first, again, other)]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+    assert torch.equal(first.ema.stem.weight, weights[0]) and not first.ema.training  # sampling runs no dropout
 
 
 def test_loss_decreases_on_a_fixed_batch(tmp_path, cache_dir):
@@ -140,20 +182,20 @@ import sys
 import torch
 import train
 
-paths = []
+steps = []  # (path, this rank's loss) of every step
 train_step = train.Trainer.train_step
 
 
 def recorded_step(self):
     loss, path = train_step(self)
-    paths.append(path)
+    steps.append((path, loss.item()))
     return loss, path
 
 
 train.Trainer.train_step = recorded_step
 trainer = train.Trainer(train.parse_config(sys.argv[1:]))
 trainer.fit()
-torch.save(dict(model=trainer.model.state_dict(), ema=trainer.ema.state_dict(), paths=paths),
+torch.save(dict(model=trainer.model.state_dict(), ema=trainer.ema.state_dict(), steps=steps),
            f"{trainer.cfg['out_dir']}/rank{trainer.rank}.pt")
 """
 
@@ -169,7 +211,8 @@ def test_ddp_two_processes_stay_identical(tmp_path, cache_dir):
     assert result.returncode == 0, result.stderr[-3000:]
 
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    assert ranks[0]["paths"] == ranks[1]["paths"] and len(ranks[0]["paths"]) == 4
+    paths = [[path for path, _ in rank["steps"]] for rank in ranks]
+    assert paths[0] == paths[1] and len(paths[0]) == 4
     assert_same(ranks[0]["model"], ranks[1]["model"], "model")
     assert_same(ranks[0]["ema"], ranks[1]["ema"], "ema")
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -178,6 +221,12 @@ def test_ddp_two_processes_stay_identical(tmp_path, cache_dir):
     # Each rank draws its own images (its own generator, saved for resuming), but the ranks share the path.
     local, shared = ([r[name] for r in ckpt["rng"]] for name in ("local", "shared"))
     assert not torch.equal(*local) and torch.equal(*shared)
+    # The log holds the loss of the global batch: per path, the mean over both ranks and the steps since the last log.
+    for record in read_log(out):
+        window = [step for rank in ranks for step in rank["steps"][record["step"] - 2:record["step"]]]
+        for path, value in record["loss_per_path"].items():
+            losses = [loss for p, loss in window if p == path]
+            assert value == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -232,7 +281,8 @@ def test_bad_settings_are_named(argv, message):
     (["--levels", "6"], ValueError, "6 levels halve 16 px 5 times"),
     (["--model", "huge"], ValueError, "--model 'huge': choose paper or tiny"),
     (["--dataset", "celeba"], ValueError, "dataset 'celeba' needs data_dir"),
-    (["--dataset", "celeba", "--data_dir", "no_such_folder"], FileNotFoundError, "data folder no_such_folder does not exist"),
+    (["--dataset", "celeba", "--data_dir", "no_such_folder"], FileNotFoundError,
+     "data folder no_such_folder does not exist"),
     (["--resume", "True"], FileNotFoundError, "no checkpoint at"),
 ])
 def test_bad_inputs_get_their_message(tmp_path, cache_dir, args, error, message):
@@ -262,10 +312,22 @@ def test_resume_from_another_configuration_fails(tmp_path, cache_dir):
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir):
+    # Logs are rare here, but every checkpoint is checked before it is written.
     with pytest.raises(FloatingPointError, match=r"training diverged at step \d+ .*the last good checkpoint"):
-        fit(tmp_path, cache_dir, "--lr", "1e30", "--max_steps", "20", "--log_every", "1", "--ckpt_every", "1")
+        fit(tmp_path, cache_dir, "--lr", "1e30", "--max_steps", "20", "--log_every", "100", "--ckpt_every", "1")
     log = read_log(tmp_path)
-    failed = log[-1]["step"]
+    assert not math.isfinite(log[-1]["loss"]) and all(math.isfinite(r["loss"]) for r in log[:-1])
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == failed - 1 and all(math.isfinite(r["loss"]) for r in log[:-1])
+    assert ckpt["step"] == log[-1]["step"] - 1
     assert all(v.isfinite().all() for part in ("model", "ema") for v in ckpt[part].values())
+
+
+def test_nan_gradients_behind_a_finite_loss_are_caught(tmp_path, cache_dir):
+    trainer = train.Trainer(tiny_config(tmp_path, cache_dir, "--max_steps", "5", "--ckpt_every", "1"))
+    # The third step's gradient is NaN: its loss is finite, the weights after its update are not.
+    trainer.model.head[-1].weight.register_hook(lambda grad: grad * math.nan if trainer.step == 2 else grad)
+    with pytest.raises(FloatingPointError, match=r"at step 3 \(loss [-\d.e]+, weights not finite\); the last good "
+                                                 r"checkpoint \(step 2\)"):
+        trainer.fit()
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values())
