@@ -324,7 +324,8 @@ def main():
     plot_empirical(os.path.join(args.out, f"info_empirical_{args.dataset}.png"), result, args.dataset, args.noise)
 
     print(f"\nTo train with the schedule matched on {args.dataset}, pass its first L-1 steps, e.g. for 4 levels at 64 px:")
-    print(f"  ScaleSpace(64, 4, transitions={matched[:3]})   # the proxy's version is schedule=\"info\"")
+    print(f"  python train.py --levels 4 --transitions {','.join(map(str, matched[:3]))}   "
+          f"# or ScaleSpace(64, 4, transitions={matched[:3]}); the proxy's version is --schedule info")
     print(f"Figures: {os.path.join(args.out, 'info_proxy.png')}, "
           f"{os.path.join(args.out, f'info_empirical_{args.dataset}.png')}")
 

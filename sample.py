@@ -17,7 +17,6 @@ import os
 import time
 
 import torch
-import torch._dynamo
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
@@ -49,13 +48,6 @@ def load_model(ckpt_path, device="cpu", use_ema=True):
                          f"({cfg['model']} UNet, {cfg['res']} px, {cfg['levels']} levels): {detail}. Was it written by "
                          f"another version of flexi_unet.py, or edited?") from None
     return model.to(device).eval().requires_grad_(False), build_scale_space(cfg), cfg
-
-
-def compile_model(model, levels):
-    """torch.compile with one static graph per (input, output) resolution path. There are 2L-1 paths, twice that
-    under guidance (the unconditional call is another graph): more than dynamo's default cache holds."""
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * levels)
-    return torch.compile(model, dynamic=False)
 
 
 def class_labels(cfg, labels=None, cfg_scale=1.0):
@@ -266,7 +258,7 @@ def prepare(args, device, n, batch_size, verbose=True):
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     if not use_compile:
         return model, ss, cfg, labels
-    net = compile_model(model, cfg["levels"])
+    net = model.compile_blocks()  # regional compilation: every resolution path reuses the compiled blocks
     start = time.time()
     paths = warm_up(net, ss, cfg, args.steps, batch_size, labels, args.cfg)
     if verbose:

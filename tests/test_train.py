@@ -239,14 +239,24 @@ def test_parser_reads_booleans_and_key_equals_value():
                               "--res=16", "--max_steps=None"])
     assert cfg["flexi"] is False and cfg["class_cond"] is True and cfg["compile"] is False and cfg["resume"] is True
     assert cfg["lr"] == 1e-3 and cfg["out_dir"] == "123" and cfg["data_dir"] == "2024"  # folder names stay text
-    assert cfg["transition_share"] is None and cfg["max_steps"] == 2000  # None: the preset's value
+    assert cfg["transition_share"] is None and cfg["max_steps"] == 500  # None: the preset's value
     assert cfg["res"] == 16 and cfg["levels"] == 2  # the preset goes down to 8 px
+
+
+def test_explicit_transitions():
+    cfg = train.parse_config(["--res", "64", "--levels", "4", "--transitions", "69,212,396"])
+    assert train.build_scale_space(cfg).transitions == [69, 212, 396]
+    with pytest.raises(ValueError, match="increasing transition steps"):
+        train.build_scale_space(train.parse_config(["--res", "64", "--levels", "4", "--transitions", "69,212"]))
 
 
 def test_presets():
     celeba = train.parse_config(["--dataset", "celeba"])
     assert (celeba["res"], celeba["levels"], celeba["model"], celeba["batch_size"], celeba["lr"]) == \
-        (64, 4, "paper", 128, 1e-4)
+        (64, 4, "paper", 128, 5e-5)
+    assert (celeba["warmup"], celeba["grad_clip"]) == (500, 1.0)
+    paper = train.parse_config(["--dataset", "celeba", "--lr", "1e-4", "--warmup", "0", "--grad_clip", "0"])
+    assert (paper["lr"], paper["warmup"], paper["grad_clip"]) == (1e-4, 0, 0.0)  # the paper's exact settings
     big = train.parse_config(["--dataset", "celeba", "--res", "256"])
     assert (big["levels"], big["batch_size"], big["lr"], big["max_steps"]) == (6, 64, 5e-5, 300_000)
     assert train.parse_config(["--res", "4"])["levels"] == 1  # below 8 px: one level, not a math error
