@@ -67,6 +67,7 @@ DEFAULTS = dict(
     seed=0,
     # output
     out_dir="out",
+    wandb_project=None,        # also log to Weights & Biases under this project (pip install wandb; off by default)
     resume=False,              # continue from out_dir/ckpt.pt
     log_every=50,
     ckpt_every=5000,
@@ -81,7 +82,7 @@ MODEL_KEYS = ("dataset", "res", "levels", "schedule", "gamma", "op", "noise", "T
 # The type of each setting whose default is None (set by a preset, or automatic); --key None keeps the default.
 OPTIONAL_TYPES = dict(data_dir=str, cache_dir=str, res=int, levels=int, transitions=str, transition_share=float,
                       model=str, batch_size=int, micro_batch=int, lr=float, warmup=int, grad_clip=float,
-                      max_steps=int, compile=bool)
+                      max_steps=int, compile=bool, wandb_project=str)
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU, for the MFU column
 
 
@@ -421,6 +422,7 @@ class Trainer:
             if self.master:
                 print(f"compiled {len(paths)} paths ({', '.join(paths)}) in {seconds:.0f} s")
         log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a" if cfg["resume"] else "w") if self.master else None
+        self.wandb = start_wandb(cfg) if self.master and cfg["wandb_project"] else None
         bar = tqdm(total=cfg["max_steps"], initial=self.step, disable=not self.master, dynamic_ncols=True)
         window = dict(loss={}, count={}, flops=0.0, start=time.time(), steps=0)
         run_start = time.time()
@@ -496,10 +498,22 @@ class Trainer:
         if self.master:
             log.write(json.dumps(record) + "\n")
             log.flush()
+            if self.wandb:
+                self.wandb.log(record, step=self.step)
             extra = f" mfu {100 * record['mfu']:.1f}%" if "mfu" in record else ""
             bar.set_postfix_str(f"loss {loss:.4f} | {rate:.0f} img/s{extra} | eta {remaining / 3600:.1f} h")
             bar.update(steps)
         return record
+
+
+def start_wandb(cfg):
+    """Weights & Biases logging, an optional extra: the JSON-lines log is the record of a run."""
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("--wandb_project needs the wandb package: pip install wandb (or leave the flag out)") from None
+    wandb.init(project=cfg["wandb_project"], config=cfg, resume="allow" if cfg["resume"] else None)
+    return wandb
 
 
 def main(argv=None):

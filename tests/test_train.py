@@ -71,6 +71,20 @@ def assert_same(a, b, where="checkpoint"):
 # a run and what it writes
 
 
+def test_optional_wandb_logging(tmp_path, cache_dir, monkeypatch):
+    """--wandb_project hands every log record to wandb (a stand-in module here); off by default."""
+    logged = []
+    fake = type(sys)("wandb")
+    fake.init = lambda **kwargs: logged.append(("init", kwargs["project"]))
+    fake.log = lambda record, step: logged.append((step, record["loss"]))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    fit(tmp_path, cache_dir, "--max_steps", "2", "--log_every", "1", "--wandb_project", "ssd-test")
+    assert logged[0] == ("init", "ssd-test") and [step for step, _ in logged[1:]] == [1, 2]
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: a clear message, not an ImportError
+    with pytest.raises(SystemExit, match="pip install wandb"):
+        fit(tmp_path / "b", cache_dir, "--max_steps", "1", "--wandb_project", "ssd-test")
+
+
 def test_help():
     result = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
