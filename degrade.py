@@ -227,7 +227,7 @@ class ScaleSpace:
             raise ValueError(f"need {levels - 1} increasing transition steps in 1..{T - 1}, got {self.transitions}")
 
         abar = make_alphas_cumprod(T, noise)
-        self.abar = abar
+        self.abar, self._abar = abar, abar.tolist()
         self.a, self.sigma = abar.sqrt(), (1 - abar).sqrt()
         self.snr = abar / (1 - abar)
         self.level = torch.zeros(T, dtype=torch.long)
@@ -310,8 +310,9 @@ class ScaleSpace:
 
     def pair(self, t, s):
         """(c, rho, R) for the step t -> s: c = sqrt(abar_t / abar_s), rho = sigma_s^2 / sigma_t^2 (SPEC 2)."""
-        c = math.sqrt(float(self.abar[t] / self.abar[s]))
-        rho = float(self.sigma[s] ** 2 / self.sigma[t] ** 2)
+        abar = self._abar  # python floats: a sampling step does no tensor arithmetic on scalars
+        c = math.sqrt(abar[t] / abar[s])
+        rho = (1 - abar[s]) / (1 - abar[t])
         return c, rho, self.operator_between(self._level[s], self._level[t])
 
     def posterior_mean(self, x_t, x0_hat, t, s=None):
