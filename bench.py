@@ -5,8 +5,11 @@ in one run on one GPU (SPEC 3 FLOP counts, the real training step of train.py, s
     python bench.py --res 64 --levels 4                 # SSD 4L vs the 1-level Flexi-UNet vs the full ADM UNet
     python bench.py --res 256 --levels 6 --sample False --max_batch True
 
-Variants: "ssd" (the Flexi-UNet with L levels), "flexi1" (the same network at one level: SSD's 1L baseline) and
-"full" (the ADM UNet at full resolution, DDPM-x0). Training time is measured per resolution path and averaged with
+Variants: "ssd" (the Flexi-UNet with L levels), "flexi1" (the same network at one level: SSD's 1L baseline),
+"full" (the ADM UNet at full resolution, DDPM-x0) and "msf" (the two-stage MSF baseline of msf.py); a suffix
+"-nograph" runs a variant without CUDA graphs and "-cl" in channels-last layout, for before/after comparisons in
+the same run. Memory: "peak GB" is the most allocated at once; with CUDA graphs the recorded paths' activations
+live in the graphs' private pool, so "reserved GB" (all memory the process holds) is the figure that compares. Training time is measured per resolution path and averaged with
 the share of batches each path gets under SPEC 2's batch rule; compilation and warm-up are excluded, CUDA is
 synchronised, and each figure is the median of several repeats. Results go to OUT/bench_<res>px.json and .md.
 """
@@ -20,11 +23,12 @@ import time
 import numpy as np
 import torch
 
+import msf
 from data import ImageData
 from ssd import inner_steps, network_denoiser, sample, seeded_noise
 from train import DEFAULTS, PEAK_BF16_FLOPS, Trainer, apply_presets, parse_bool
 
-VARIANTS = {"ssd": {}, "flexi1": dict(levels=1), "full": dict(baseline="x0")}
+VARIANTS = {"ssd": {}, "flexi1": dict(levels=1), "full": dict(baseline="x0"), "msf": dict(method="msf")}
 
 
 class SyntheticTrainer(Trainer):
@@ -36,9 +40,14 @@ class SyntheticTrainer(Trainer):
 
 
 def make_trainer(args, variant):
+    name, _, suffix = variant.partition("-")
+    if name not in VARIANTS or suffix not in ("", "nograph", "cl"):
+        raise SystemExit(f"unknown variant {variant!r}: choose from {', '.join(VARIANTS)}, optionally with the "
+                         f"suffix -nograph or -cl")
     cfg = dict(DEFAULTS, dataset="celeba", res=args.res, levels=args.levels, batch_size=args.batch_size,
-               compile=args.compile, channels_last=args.channels_last, out_dir=args.out, seed=0)
-    cfg.update(VARIANTS[variant])
+               compile=args.compile, channels_last=args.channels_last or suffix == "cl",
+               cuda_graphs=suffix != "nograph", out_dir=args.out, seed=0)
+    cfg.update(VARIANTS[name])
     return SyntheticTrainer(apply_presets(cfg))
 
 
@@ -84,34 +93,47 @@ def bench_training(trainer, args, peak):
         flops = trainer.step_flops(name)
         rows.append(dict(path=name, share=share, ms=1000 * seconds, images_per_s=batch / seconds,
                          tflops=flops / seconds / 1e12, mfu=flops / seconds / peak,
-                         peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30))
+                         peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30,
+                         reserved_gb=torch.cuda.max_memory_reserved() / 2 ** 30))
         print(f"  {name}: {1000 * seconds:.1f} ms/step, {rows[-1]['mfu'] * 100:.1f}% MFU", flush=True)
         avg_time += share * seconds
         avg_flops += share * flops
     return dict(paths=rows, compile_s=compile_s, ms_per_step=1000 * avg_time, images_per_s=batch / avg_time,
                 tflops=avg_flops / avg_time / 1e12, mfu=avg_flops / avg_time / peak,
-                peak_mem_gb=max(r["peak_mem_gb"] for r in rows))
+                peak_mem_gb=max(r["peak_mem_gb"] for r in rows), reserved_gb=max(r["reserved_gb"] for r in rows))
+
+
+def sampler(trainer, n):
+    """draw(steps): n images from the variant's network (untrained weights: speed only)."""
+    noise = seeded_noise(torch.arange(n, device=trainer.device))
+    if trainer.msf:
+        return lambda steps: msf.sample(trainer.model, trainer.ss_base, trainer.ss, n, 3, steps, noise=noise)
+    denoise = network_denoiser(trainer.model, trainer.ss)
+    return lambda steps: sample(denoise, trainer.ss, n, 3, steps=steps, noise=noise)
 
 
 @torch.no_grad()
 def bench_sampling(trainer, args):
-    ss, n = trainer.ss, args.sample_batch
-    denoise = network_denoiser(trainer.model, ss)
-    noise = seeded_noise(torch.arange(n, device=trainer.device))
+    draw = sampler(trainer, args.sample_batch)
     start = time.time()
-    sample(denoise, ss, n, 3, steps=4 * ss.levels, noise=noise)  # compiles every inference path
+    draw(4 * trainer.ss.levels)  # compiles every inference path
     torch.cuda.synchronize()
     results = dict(compile_s=time.time() - start)
     for steps in args.sample_steps:
-        seconds, _ = timed(lambda: sample(denoise, ss, n, 3, steps=steps, noise=noise), args.sample_repeats, 1)
+        seconds, _ = timed(lambda: draw(steps), args.sample_repeats, 1)
         results[f"{steps}_steps_s"] = seconds
-        print(f"  sampling {n} images, {steps} steps: {seconds:.1f} s", flush=True)
+        print(f"  sampling {args.sample_batch} images, {steps} steps: {seconds:.1f} s", flush=True)
     return results
 
 
 def largest_batch(trainer, limit=4096):
     """Largest power-of-two per-GPU batch whose most expensive path trains without running out of memory."""
     t = max(path_shares(trainer.ss), key=lambda t: trainer.step_flops(trainer.path_name(torch.tensor([t]))))
+    trainer.cfg["cuda_graphs"] = False  # a failed capture is hard to recover from; the memory is the same
+    trainer.graphs.clear()  # and the recorded graphs' memory is given back first
+    trainer.opt.zero_grad(set_to_none=True)
+    trainer.grad_buffers = None
+    torch.cuda.empty_cache()
     best, batch = 0, 32
     while batch <= limit:
         trainer.per_rank = trainer.micro = batch
@@ -129,20 +151,25 @@ def largest_batch(trainer, limit=4096):
 def markdown(results, args):
     lines = [f"### {args.res} px, SSD {args.levels} levels vs baselines — {results['device']}, {results['date']}",
              f"`{results['command']}`", "",
-             "| variant | train ms/step | img/s | TFLOP/s | MFU | peak GB | " +
+             "| variant | train ms/step | img/s | TFLOP/s | MFU | peak GB | reserved GB | " +
              " | ".join(f"sample {s} steps (s)" for s in args.sample_steps) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(args.sample_steps)]
+             "|---|---|---|---|---|---|---|" + "---|" * len(args.sample_steps)]
     for name, r in results["variants"].items():
         tr, sa = r.get("train", {}), r.get("sample", {})
         cells = [f"{tr['ms_per_step']:.1f}", f"{tr['images_per_s']:.0f}", f"{tr['tflops']:.0f}",
-                 f"{100 * tr['mfu']:.1f}%", f"{tr['peak_mem_gb']:.1f}"] if tr else ["-"] * 5
+                 f"{100 * tr['mfu']:.1f}%", f"{tr['peak_mem_gb']:.1f}", f"{tr['reserved_gb']:.1f}"] if tr else ["-"] * 6
         cells += [f"{sa[f'{s}_steps_s']:.1f}" if sa else "-" for s in args.sample_steps]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "ssd" in results["variants"] and "train" in results["variants"]["ssd"]:
-        lines += ["", "| SSD path | share of batches | ms/step | img/s | MFU | peak GB |", "|---|---|---|---|---|---|"]
+        lines += ["", "| SSD path | share of batches | ms/step | img/s | MFU | peak GB | reserved GB |",
+                  "|---|---|---|---|---|---|---|"]
         for p in results["variants"]["ssd"]["train"]["paths"]:
             lines.append(f"| {p['path']} | {100 * p['share']:.1f}% | {p['ms']:.1f} | {p['images_per_s']:.0f} | "
-                         f"{100 * p['mfu']:.1f}% | {p['peak_mem_gb']:.1f} |")
+                         f"{100 * p['mfu']:.1f}% | {p['peak_mem_gb']:.1f} | {p['reserved_gb']:.1f} |")
+    batches = {name: r["max_batch"] for name, r in results["variants"].items() if "max_batch" in r}
+    if batches:
+        lines += ["", "Largest power-of-two training batch per GPU on the most expensive path: " +
+                  ", ".join(f"{name} {b}" for name, b in batches.items())]
     ratios = results.get("ratios", {})
     if ratios:
         lines += [""] + [f"- {k}: {v:.2f}x" for k, v in ratios.items()]
@@ -189,7 +216,7 @@ def main():
         torch.cuda.empty_cache()
     v = results["variants"]
     ratios = {}
-    for base in ("full", "flexi1"):
+    for base in [name for name in v if name != "ssd"]:
         if "ssd" in v and base in v:
             if "train" in v["ssd"] and "train" in v[base]:
                 ratios[f"training throughput SSD / {base}"] = v["ssd"]["train"]["images_per_s"] / v[base]["train"]["images_per_s"]

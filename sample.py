@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import fid
+import msf
 from data import load_dataset, save_grid, to_uint8_images
 from ssd import network_denoiser, sample, sampling_steps, seeded_noise
 from train import DEFAULTS, build_model, build_scale_space, load_checkpoint, parse_bool, setup_distributed
@@ -88,10 +89,17 @@ def denoiser_for(net, ss, cfg, index, classes, cfg_scale):
 
 
 def draw(net, ss, cfg, index, seed=0, steps=None, method="ancestral", classes=None, cfg_scale=1.0, record=()):
-    """ssd.sample for the images numbered `index`: image k's noise is seeded by seed + k alone."""
+    """ssd.sample (or msf.sample) for the images numbered `index`: image k's noise is seeded by seed + k alone."""
     device = next(net.parameters()).device
-    denoise = denoiser_for(net, ss, cfg, index, classes, cfg_scale)
     noise = seeded_noise((seed + index).to(device))
+    if cfg["method"] == "msf":
+        if record:
+            raise ValueError("--progression shows the states of one scale-space chain; an MSF checkpoint samples "
+                             "two separate chains: draw a grid or --outdir instead")
+        y = classes[index % len(classes)].to(device) if classes is not None else None
+        ss_base = msf.scale_spaces(cfg["res"], cfg["msf_factor"], cfg["T"], cfg["noise"])[0]
+        return msf.sample(net, ss_base, ss, len(index), cfg["channels"], steps, method, noise, y, cfg_scale)
+    denoise = denoiser_for(net, ss, cfg, index, classes, cfg_scale)
     return sample(denoise, ss, len(index), cfg["channels"], steps, method, noise, record)
 
 
@@ -120,6 +128,10 @@ def generate(net, ss, cfg, n, seed=0, steps=None, method="ancestral", batch_size
 def warm_up(net, ss, cfg, steps, batch_size, labels=None, cfg_scale=1.0):
     """Run the network once on every resolution path the sampler takes, so that compilation is not timed."""
     classes = class_labels(cfg, labels, cfg_scale)
+    if cfg["method"] == "msf":  # two steps of each stage run both networks
+        with torch.inference_mode():
+            draw(net, ss, cfg, torch.arange(batch_size), steps=2, classes=classes, cfg_scale=cfg_scale)
+        return 2
     denoise = denoiser_for(net, ss, cfg, torch.arange(batch_size), classes, cfg_scale)
     device = next(net.parameters()).device
     paths = {(ss.res(t), ss.target_level(t)): t for t in sampling_steps(ss, steps)}  # one step per path

@@ -5,6 +5,7 @@ Train Scale Space Diffusion (or a DDPM baseline, through the same code).
     python train.py --dataset celeba --data_dir PATH --res 64  # the paper's 64 px, 4-level model on one GPU
     torchrun --nproc_per_node=8 train.py --dataset celeba --data_dir PATH --res 256
     python train.py --dataset celeba --res 64 --baseline x0    # DDPM-x0 on the full ADM UNet (also: eps)
+    python train.py --dataset celeba --res 64 --method msf     # the MSF baseline: base at res/2 + residual (msf.py)
     python train.py ... --resume True                          # continue from out_dir/ckpt.pt
 
 Every setting is a key of DEFAULTS below and can be given as --key value or --key=value (booleans as True/False/1/0).
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,7 @@ from tqdm import tqdm
 
 from data import get_batch, load_dataset, prepare_dataset, save_grid
 from degrade import SCHEDULES, ScaleSpace
+import msf
 from flexi_unet import UNet, paper_config, path_gflops, tiny_config
 from ssd import batch_steps, inner_steps, network_denoiser, sample, seeded_noise, training_example, weighted_mse
 
@@ -46,6 +49,8 @@ DEFAULTS = dict(
     min_snr=5.0,               # Min-SNR-gamma loss weight
     transition_share=None,     # share of batches on resolution-changing steps (None: the paper's, (L-1)/T)
     baseline="none",           # x0 or eps: DDPM on the full ADM UNet at one level (sets levels, flexi, parameterisation)
+    method="ssd",              # ssd, or msf: the two-stage multi-scale factorisation baseline (msf.py, SPEC 6)
+    msf_factor=2,              # msf: the base lives at res / msf_factor (2 or 4)
     # model (SPEC 3)
     model=None,                # paper or tiny (preset: paper for celeba/imagenet, tiny otherwise)
     flexi=True,                # False: the full-UNet ablation (every input upsampled, every block run)
@@ -63,6 +68,7 @@ DEFAULTS = dict(
     # system
     device="auto",             # auto, cuda, cpu
     compile=None,              # torch.compile the UNet block by block (default: on CUDA)
+    cuda_graphs=None,          # replay small paths' forward and backward as CUDA graphs (default: on CUDA, no dropout)
     channels_last=False,
     seed=0,
     # output
@@ -78,11 +84,16 @@ DEFAULTS = dict(
 
 # Settings a checkpoint must share with the run that resumes it: they define the model and the process.
 MODEL_KEYS = ("dataset", "res", "levels", "schedule", "gamma", "op", "noise", "T", "parameterisation", "model",
-              "flexi", "class_cond", "channels", "num_classes", "transitions")
+              "flexi", "class_cond", "channels", "num_classes", "transitions", "method", "msf_factor")
 # The type of each setting whose default is None (set by a preset, or automatic); --key None keeps the default.
 OPTIONAL_TYPES = dict(data_dir=str, cache_dir=str, res=int, levels=int, transitions=str, transition_share=float,
                       model=str, batch_size=int, micro_batch=int, lr=float, warmup=int, grad_clip=float,
-                      max_steps=int, compile=bool, wandb_project=str)
+                      max_steps=int, compile=bool, cuda_graphs=bool, wandb_project=str)
+# A micro-batch of at most this many output pixels per GPU replays as a CUDA graph (with --cuda_graphs). Below it the
+# host is the bottleneck: on an H100 the 64 px path at batch 128 (this size) ran 10% faster as a graph and the 8 px
+# path 3x faster (bench.py). Above it the GPU is, and a graph would hold the path's activations in its own pool on top
+# of the allocator's cache.
+GRAPH_MAX_PIXELS = 128 * 64 * 64
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU, for the MFU column
 
 
@@ -137,6 +148,13 @@ def apply_presets(cfg):
     for key, value in preset.items():
         if cfg[key] is None:
             cfg[key] = value
+    if cfg["method"] not in ("ssd", "msf"):
+        raise ValueError(f"--method {cfg['method']!r}: choose ssd or msf")
+    if cfg["method"] == "msf":
+        if cfg["baseline"] != "none" or cfg["parameterisation"] != "x0":
+            raise ValueError("--method msf trains its own two x0-prediction DDPMs: leave out --baseline and "
+                             "--parameterisation")
+        cfg["levels"] = 1  # each stage is a one-level DDPM (the full-resolution one is the run's scale space)
     if cfg["schedule"] not in SCHEDULES:
         raise ValueError(f"--schedule {cfg['schedule']!r}: choose one of {', '.join(SCHEDULES)}")
     return cfg
@@ -151,10 +169,14 @@ def build_scale_space(cfg):
 
 
 def build_model(cfg):
-    """The UNet of a config (which holds the data's channels and classes once the data is known)."""
+    """The UNet of a config (which holds the data's channels and classes once the data is known), or with
+    --method msf the pair of UNets of msf.py."""
     make = {"paper": paper_config, "tiny": tiny_config}.get(cfg["model"])
     if make is None:
         raise ValueError(f"--model {cfg['model']!r}: choose paper or tiny")
+    if cfg["method"] == "msf":
+        return msf.MSF(*msf.msf_configs(cfg["model"], cfg["res"], cfg["channels"], cfg["msf_factor"],
+                                        cfg["num_classes"], cfg["dropout"]))
     return UNet(make(cfg["res"], cfg["levels"], in_channels=cfg["channels"], flexi=cfg["flexi"],
                      dropout=cfg["dropout"], num_classes=cfg["num_classes"]))
 
@@ -221,6 +243,31 @@ def all_reduce_gradients(params, world):
 
 
 # -----------------------------------------------------------------------------
+# CUDA graphs: one per resolution path
+
+
+@dataclass
+class GraphedPath:
+    """The recorded forward and backward of one path, with the tensors its replays read and write."""
+    graph: torch.cuda.CUDAGraph
+    inputs: list        # static copies of the example's tensors (and the labels): a replay reads these
+    on_path: list       # (parameter, persistent gradient buffer) for every parameter the path trains
+    loss: torch.Tensor = None
+
+    def attach_gradients(self, zero):
+        """Point the path's .grad at the buffers the graph accumulates into (the optimiser sets .grad to None
+        after each step, and blocks off the path must keep None), zeroed before a step's first micro-batch."""
+        if zero:
+            torch._foreach_zero_([g for _, g in self.on_path])
+        for p, g in self.on_path:
+            p.grad = g
+
+
+def with_labels(example, y):
+    return example + (y,) if y is not None else example
+
+
+# -----------------------------------------------------------------------------
 # the training run
 
 
@@ -234,11 +281,19 @@ class Trainer:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True  # every path has static shapes: pick each conv's fastest kernel
         if cfg["compile"] is None:
             cfg["compile"] = cuda
+        if cfg["cuda_graphs"] is None:
+            cfg["cuda_graphs"] = cuda and cfg["dropout"] == 0  # dropout's random masks would be fixed at capture
+        if cfg["cuda_graphs"] and not cuda:
+            raise ValueError("--cuda_graphs True needs a CUDA device")
 
         self.ss = build_scale_space(cfg)  # before the data: a bad ladder fails at once, not after preparing a cache
         cfg["transitions"] = self.ss.transitions
+        self.msf = cfg["method"] == "msf"
+        if self.msf:  # self.ss is then the residual's full-resolution DDPM, and this the base's
+            self.ss_base = msf.scale_spaces(cfg["res"], cfg["msf_factor"], cfg["T"], cfg["noise"])[0]
         self.data = self.load_data()
         if cfg["class_cond"] and not self.data.num_classes:
             raise ValueError(f"--class_cond True needs class labels and {cfg['dataset']} has none; "
@@ -265,7 +320,9 @@ class Trainer:
                          local=torch.Generator().manual_seed(seed + 1 + self.rank),  # images, steps, flips, labels
                          noise=torch.Generator(self.device).manual_seed(seed + 10_000 + self.rank))
         self.step, self.images_seen = 0, 0
-        self.autocast = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
+        # No autocast weight cache: a CUDA graph must not capture casts that are cached across steps.
+        self.autocast = torch.autocast("cuda", torch.bfloat16, cache_enabled=False) if cuda else contextlib.nullcontext()
+        self.graphs, self.graph_pool, self.grad_buffers = {}, None, None
         self.peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(self.device)),
                          None) if cuda else None
         os.makedirs(cfg["out_dir"], exist_ok=True)
@@ -283,17 +340,33 @@ class Trainer:
 
     # --- one optimisation step ------------------------------------------------
 
-    def forward_loss(self, x0, t, y):
-        """Per-image loss of one micro-batch: exact forward process in float32, the network under autocast."""
-        noise = torch.randn(x0.shape[0], x0.shape[1], self.ss.res(t), self.ss.res(t), device=self.device,
-                            generator=self.gens["noise"])
+    def examples(self, x0, t):
+        """The forward process in float32 (it is exact): the network's inputs and targets, a tuple of tensors
+        (x_t, t on the device, target, Min-SNR weight)."""
+        if self.msf:  # the base at steps drawn independently of t: the two stages are separate diffusions
+            t_base = torch.randint(self.cfg["T"], t.shape, generator=self.gens["local"])
+            return msf.training_examples(self.model, x0, t_base, t, self.ss_base, self.ss, self.cfg["min_snr"],
+                                         self.noise(x0, self.ss_base.sizes[0]), self.noise(x0, self.ss.sizes[0]))
+        noise = self.noise(x0, self.ss.res(t))
         x_t, target, weight = training_example(self.ss, x0, t, self.cfg["parameterisation"], self.cfg["min_snr"], noise)
         if self.cfg["channels_last"]:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        out_res = self.ss.sizes[self.ss.target_level(t)]
+        return x_t, t.to(self.device, non_blocking=True), target, weight
+
+    def network_loss(self, example, out_res, y):
+        """Per-image loss of the network on an example, under autocast: the part a CUDA graph replays."""
+        if self.msf:
+            return sum(msf.network_losses(self.model, example, y, self.autocast))
+        x_t, t, target, weight = example
         with self.autocast:
-            pred = self.model(x_t, t.to(self.device, non_blocking=True), out_res, y)
+            pred = self.model(x_t, t, out_res, y)
         return weighted_mse(pred, target, weight)
+
+    def out_res(self, t):
+        return self.ss.sizes[self.ss.target_level(t)]
+
+    def noise(self, x0, res):
+        return torch.randn(x0.shape[0], x0.shape[1], res, res, device=self.device, generator=self.gens["noise"])
 
     def labels_for_training(self, y):
         """Class labels with a share replaced by the null label (classifier-free guidance), or None."""
@@ -312,12 +385,12 @@ class Trainer:
             t = batch_steps(self.ss, self.per_rank, self.gens["shared"], self.gens["local"], cfg["transition_share"])
         x0, y = get_batch(self.data, self.per_rank, self.gens["local"], self.device)
         y = self.labels_for_training(y) if y is not None else None
+        path, out_res = self.path_name(t), self.out_res(t)
         total = torch.zeros((), device=self.device)
         for i in range(0, self.per_rank, self.micro):
             part = slice(i, i + self.micro)
-            loss = self.forward_loss(x0[part], t[part], y[part] if y is not None else None).sum() / self.per_rank
-            loss.backward()
-            total += loss.detach()
+            example = self.examples(x0[part], t[part])
+            total += self.backward(example, out_res, y[part] if y is not None else None, path, first=i == 0)
         if self.world > 1:
             all_reduce_gradients(self.params, self.world)
         if cfg["grad_clip"] > 0:
@@ -329,7 +402,52 @@ class Trainer:
         self.update_ema()
         self.step += 1
         self.images_seen += cfg["batch_size"]
-        return total, self.path_name(t)
+        return total, path
+
+    def backward(self, example, out_res, y, path, first=True):
+        """Forward and backward of one micro-batch, gradients accumulated; returns its share of the loss."""
+        if not self.cfg["cuda_graphs"] or example[0].shape[0] * out_res ** 2 > GRAPH_MAX_PIXELS:
+            loss = self.network_loss(example, out_res, y).sum() / self.per_rank
+            loss.backward()
+            return loss.detach()
+        key = (path, example[0].shape[0])
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(example, out_res, y)
+        graph = self.graphs[key]
+        graph.attach_gradients(zero=first)
+        for static, value in zip(graph.inputs, with_labels(example, y)):
+            static.copy_(value)
+        graph.graph.replay()
+        return graph.loss.clone()  # the next replay overwrites graph.loss
+
+    def capture(self, example, out_res, y):
+        """Record the forward and backward of one path as a CUDA graph (SPEC 2's one resolution pair per step
+        makes every step of a path the same sequence of kernels, so the host issues it with one call).
+
+        The gradients land in persistent buffers, which a replay accumulates into; the paths share one memory pool,
+        as only one runs at a time. Warm-up runs on a side stream first (cuDNN/cuBLAS workspaces, autotuning); it
+        also finds the parameters on the path: those that receive a gradient.
+        """
+        for p in self.params:
+            p.grad = None
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.network_loss(example, out_res, y).sum().backward()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self.grad_buffers is None:
+            self.grad_buffers = [torch.zeros_like(p) for p in self.params]
+            self.graph_pool = torch.cuda.graph_pool_handle()
+        on_path = [(p, g) for p, g in zip(self.params, self.grad_buffers) if p.grad is not None]
+        graph = GraphedPath(torch.cuda.CUDAGraph(), [x.clone() for x in with_labels(example, y)], on_path)
+        graph.attach_gradients(zero=True)
+        static_example, static_y = tuple(graph.inputs[:len(example)]), graph.inputs[-1] if y is not None else None
+        with torch.cuda.graph(graph.graph, pool=self.graph_pool):
+            loss = self.network_loss(static_example, out_res, static_y).sum() / self.per_rank
+            loss.backward()
+        graph.loss = loss.detach()  # keeping the autograd graph alive would pin its nodes to the capture stream
+        return graph
 
     @torch.no_grad()
     def update_ema(self):
@@ -338,10 +456,14 @@ class Trainer:
         torch._foreach_lerp_(list(self.ema.parameters()), self.params, 1 - decay)
 
     def path_name(self, t):
+        if self.msf:  # every step runs both MSF networks
+            return "msf"
         return f"{self.ss.res(t)}->{self.ss.sizes[self.ss.target_level(t)]}"
 
     def step_flops(self, path):
         """Model FLOPs of one training step on one GPU: forward + backward, about 3x the forward (SPEC 3 counts)."""
+        if self.msf:
+            return 3e9 * self.model.gflops() * self.per_rank
         in_res, out_res = map(int, path.split("->"))
         return 3e9 * path_gflops(self.model, in_res, out_res) * self.per_rank
 
@@ -353,12 +475,14 @@ class Trainer:
         paths = {self.path_name(torch.tensor([t])): t for t in steps}  # one representative step per path
         x0, y = get_batch(self.data, self.micro, torch.Generator().manual_seed(0), self.device)
         y = y if self.cfg["num_classes"] else None  # as in training: labels of an unconditional run would recompile
-        noise_state = self.gens["noise"].get_state()  # leave the training noise as it was: resumed runs match
+        states = rng_state(self.gens)  # leave the training randomness as it was: resumed runs match
         start = time.time()
-        for name, t in paths.items():
-            self.forward_loss(x0, torch.full((self.micro,), t), y).mean().backward()
+        for name, t in paths.items():  # as in train_step: with CUDA graphs this also records each path's graph
+            steps = torch.full((self.micro,), t)
+            self.backward(self.examples(x0, steps), self.out_res(steps), y, name)
         self.opt.zero_grad(set_to_none=True)
-        self.gens["noise"].set_state(noise_state)
+        for name, state in states.items():
+            self.gens[name].set_state(state)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return list(paths), time.time() - start
@@ -402,9 +526,13 @@ class Trainer:
     def save_samples(self):
         cfg = self.cfg
         labels = (torch.arange(cfg["sample_n"], device=self.device) % cfg["num_classes"]) if cfg["num_classes"] else None
-        denoise = network_denoiser(self.ema, self.ss, y=labels, parameterisation=cfg["parameterisation"])
         noise = seeded_noise(torch.arange(cfg["sample_n"], device=self.device))
-        x = sample(denoise, self.ss, cfg["sample_n"], cfg["channels"], steps=cfg["sample_steps"], noise=noise)
+        if self.msf:
+            x = msf.sample(self.ema, self.ss_base, self.ss, cfg["sample_n"], cfg["channels"], cfg["sample_steps"],
+                           noise=noise, y=labels)
+        else:
+            denoise = network_denoiser(self.ema, self.ss, y=labels, parameterisation=cfg["parameterisation"])
+            x = sample(denoise, self.ss, cfg["sample_n"], cfg["channels"], steps=cfg["sample_steps"], noise=noise)
         path = os.path.join(cfg["out_dir"], f"samples_{self.step:07d}.png")
         save_grid(x, path)
         return path

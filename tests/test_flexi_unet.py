@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from degrade import ScaleSpace
-from flexi_unet import UNet, UNetConfig, average_gflops, paper_config, parameter_count, path_gflops, tiny_config
+import torch.nn.functional as F
+from flexi_unet import (UNet, UNetConfig, Upsample, average_gflops, paper_config, parameter_count, path_gflops,
+                        tiny_config)
 
 
 def randomized(model, seed=0):
@@ -232,3 +234,14 @@ def test_paper_model_size_and_compute_at_64px():
         model = UNet(paper_config(64, 4))
     assert parameter_count(model) / 1e6 == pytest.approx(92.26, abs=0.01)
     assert path_gflops(model, 64, 64) == pytest.approx(56.71, abs=0.01)
+
+
+def test_upsample_is_nearest_neighbour():
+    up = Upsample(4)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    reference = up.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+    assert torch.equal(up(x), reference)
+    grad = torch.randn_like(reference)
+    mine, = torch.autograd.grad(up(x), x, grad)
+    theirs, = torch.autograd.grad(reference, x, grad)
+    torch.testing.assert_close(mine, theirs)

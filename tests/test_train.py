@@ -149,6 +149,35 @@ def test_options_train(tmp_path, cache_dir, args, paths):
     assert all(set(r["loss_per_path"]) == paths and math.isfinite(r["loss"]) for r in read_log(tmp_path))
 
 
+def test_msf_method_trains_and_resumes_exactly(tmp_path, cache_dir):
+    """--method msf: both MSF networks train through the same loop, checkpoints and EMA as SSD."""
+    args = ("--method", "msf", "--log_every", "1", "--sample_every", "0")
+    straight = fit(tmp_path / "straight", cache_dir, "--max_steps", "3", *args)
+    fit(tmp_path / "resumed", cache_dir, "--max_steps", "1", *args)
+    resumed = fit(tmp_path / "resumed", cache_dir, "--max_steps", "3", "--resume", "True", *args)
+    assert_same(straight["model"], resumed["model"], "model")
+    assert straight["config"]["method"] == "msf" and straight["config"]["levels"] == 1
+    assert {k.split(".")[0] for k in straight["model"]} == {"base", "residual"}
+    assert straight["model"]["residual.stem.weight"].shape[1] == 2  # the noisy residual and the upsampled base
+    assert all(set(r["loss_per_path"]) == {"msf"} and math.isfinite(r["loss"]) for r in read_log(tmp_path / "straight"))
+    with pytest.raises(ValueError, match="other configuration.*method"):
+        fit(tmp_path / "straight", cache_dir, "--max_steps", "4", "--resume", "True")  # an SSD run cannot resume it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("method", ["ssd", "msf"])
+def test_cuda_graphs_train_as_eager_does(tmp_path, cache_dir, method):
+    """Replaying recorded paths gives the weights of plain eager steps (same seed, same batches, both paths)."""
+    args = ("--max_steps", "6", "--sample_every", "0", "--compile", "False", "--method", method,
+            "--transition_share", "0.5", "--micro_batch", "4")
+    eager = fit(tmp_path / "eager", cache_dir, "--cuda_graphs", "False", *args)
+    graphed = fit(tmp_path / "graphed", cache_dir, "--cuda_graphs", "True", *args)
+    for key, value in eager["model"].items():
+        torch.testing.assert_close(graphed["model"][key], value, rtol=1e-3, atol=1e-4, msg=key)
+    assert read_log(tmp_path / "graphed")[-1]["loss"] == pytest.approx(read_log(tmp_path / "eager")[-1]["loss"],
+                                                                       rel=1e-3)
+
+
 def test_seed_sets_the_initial_weights(tmp_path, cache_dir):
     first, again, other = (train.Trainer(tiny_config(tmp_path, cache_dir, "--seed", seed)) for seed in "001")
     weights = [t.model.stem.weight for t in (first, again, other)]
