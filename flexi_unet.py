@@ -241,7 +241,7 @@ class UNet(nn.Module):
         self.head = nn.Sequential(nn.GroupNorm(cfg.norm_groups, widths[0]), nn.SiLU(),
                                   zero_init(nn.Conv2d(widths[0], cfg.in_channels, 3, padding=1)))
 
-    def compile_blocks(self):
+    def compile_blocks(self, **options):
         """Regional compilation: torch.compile each block (residual block, attention, upsample) on its own.
 
         A block always runs at its own level's resolution, whatever the path, so the blocks compile once each and
@@ -251,7 +251,7 @@ class UNet(nn.Module):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         for module in self.modules():
             if isinstance(module, Block):
-                module.compile(dynamic=False)
+                module.compile(dynamic=False, **options)  # options: torch.compile's (tests use a fast backend)
         return self
 
     def first_skip(self, level):

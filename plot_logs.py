@@ -23,9 +23,12 @@ def read_log(path):
 
 
 def path_order(name):
-    """Largest input resolution first, and resolution-preserving before resolution-increasing paths."""
+    """Largest input resolution first, and resolution-preserving before resolution-increasing paths; paths that
+    are not resolution pairs (an MSF run's "msf") after them."""
+    if "->" not in name:
+        return (1, 0, name)
     src, dst = map(int, name.split("->"))
-    return (-src, dst != src)
+    return (-src, dst != src, "")
 
 
 def plot(logs, out):

@@ -137,8 +137,9 @@ def apply_presets(cfg):
             raise ValueError(f"--baseline {cfg['baseline']!r}: choose x0 or eps (DDPM on the full UNet) or none")
         cfg.update(levels=1, flexi=False, parameterisation=cfg["baseline"])
     # The paper trains with LR 1e-4 (5e-5 at 256 px), no warm-up and no clipping (SPEC 5). At 64 px that diverged
-    # in 3 of our 4 SSD runs of two minutes on an H100 (README, "Training stability"); LR 5e-5 with 500 warm-up
-    # steps and clipping at norm 1 was stable in both runs. Pass --lr 1e-4 --warmup 0 --grad_clip 0 for the paper's.
+    # in 3 of our 4 SSD runs of two minutes on an H100; LR 5e-5 with 500 warm-up steps and clipping at norm 1 kept
+    # two uncompiled runs stable for their 1,100 steps, but a compiled one still diverged after ~1,050 (README,
+    # "Training stability, an open problem"). Pass --lr 1e-4 --warmup 0 --grad_clip 0 for the paper's settings.
     if paper:
         preset = dict(model="paper", batch_size=64 if res >= 256 else 128, lr=5e-5, warmup=500, grad_clip=1.0,
                       max_steps=1_000_000 if res <= 64 else 300_000)
