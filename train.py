@@ -208,10 +208,6 @@ def check_same_model(saved, cfg):
                          f"or another --out_dir to start a new run")
 
 
-def rng_state(gens):
-    return {name: g.get_state() for name, g in gens.items()}
-
-
 # -----------------------------------------------------------------------------
 # distributed set-up: one process per GPU under torchrun, NCCL on CUDA and gloo on CPU
 
@@ -476,14 +472,13 @@ class Trainer:
         paths = {self.path_name(torch.tensor([t])): t for t in steps}  # one representative step per path
         x0, y = get_batch(self.data, self.micro, torch.Generator().manual_seed(0), self.device)
         y = y if self.cfg["num_classes"] else None  # as in training: labels of an unconditional run would recompile
-        states = rng_state(self.gens)  # leave the training randomness as it was: resumed runs match
+        states = self.rng_states()  # leave the training randomness as it was: resumed runs match
         start = time.time()
         for name, t in paths.items():  # as in train_step: with CUDA graphs this also records each path's graph
             steps = torch.full((self.micro,), t)
             self.backward(self.examples(x0, steps), self.out_res(steps), y, name)
         self.opt.zero_grad(set_to_none=True)
-        for name, state in states.items():
-            self.gens[name].set_state(state)
+        self.set_rng_states(states)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return list(paths), time.time() - start
@@ -495,9 +490,26 @@ class Trainer:
                     step=self.step, images_seen=self.images_seen, config=dict(self.cfg),
                     rng=self.gather_rng())
 
+    def rng_states(self):
+        """This rank's generators, and the default ones that dropout draws from."""
+        states = {name: g.get_state() for name, g in self.gens.items()}
+        states["default_cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            states["default_cuda"] = torch.cuda.get_rng_state(self.device)
+        return states
+
+    def set_rng_states(self, states):
+        for name, state in states.items():  # CPU byte tensors, for CUDA generators too
+            if name == "default_cpu":
+                torch.set_rng_state(state)
+            elif name == "default_cuda":
+                torch.cuda.set_rng_state(state, self.device)
+            else:
+                self.gens[name].set_state(state)
+
     def gather_rng(self):
         """Every rank's generators (each rank draws its own images), gathered to rank 0."""
-        mine = rng_state(self.gens)
+        mine = self.rng_states()
         if self.world == 1:
             return [mine]
         states = [None] * self.world
@@ -513,8 +525,7 @@ class Trainer:
         if len(ckpt["rng"]) != self.world:
             raise ValueError(f"the checkpoint was written by {len(ckpt['rng'])} processes and this run has {self.world}: "
                              f"resume with the same number of GPUs")
-        for name, state in ckpt["rng"][self.rank].items():
-            self.gens[name].set_state(state)  # a CPU byte tensor, for CUDA generators too
+        self.set_rng_states(ckpt["rng"][self.rank])
         if self.master:
             print(f"resumed from {self.ckpt_path} at step {self.step} ({self.images_seen:,} images seen)")
 
@@ -625,7 +636,7 @@ class Trainer:
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         remaining = (self.cfg["max_steps"] - self.step) * seconds / steps
         if self.master:
-            log.write(json.dumps(record) + "\n")
+            log.write(json.dumps(json_safe(record)) + "\n")
             log.flush()
             if self.wandb:
                 self.wandb.log(record, step=self.step)
@@ -633,6 +644,13 @@ class Trainer:
             bar.set_postfix_str(f"loss {loss:.4f} | {rate:.0f} img/s{extra} | eta {remaining / 3600:.1f} h")
             bar.update(steps)
         return record
+
+
+def json_safe(value):
+    """A log record as standard JSON: a non-finite loss (the step a run diverged) becomes null, not NaN."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def start_wandb(cfg):
