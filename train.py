@@ -373,7 +373,8 @@ class Trainer:
         return torch.where(drop, torch.full_like(y, self.cfg["num_classes"]), y)
 
     def train_step(self, t=None):
-        """One optimiser step on the global batch; returns (loss tensor on device, path name).
+        """One optimiser step on the global batch; returns (loss, path name, gradient norm before clipping), the
+        two numbers as tensors on the device.
 
         t: the steps of this rank's batch (a CPU tensor sharing one path); by default drawn by the rule of SPEC 2.
         """
@@ -390,8 +391,10 @@ class Trainer:
             total += self.backward(example, out_res, y[part] if y is not None else None, path, first=i == 0)
         if self.world > 1:
             all_reduce_gradients(self.params, self.world)
+        trained = [p for p in self.params if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trained])  # logged: the first sign of divergence
         if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], cfg["grad_clip"])
+            torch.nn.utils.clip_grads_with_norm_(trained, cfg["grad_clip"], grad_norm)
         for group in self.opt.param_groups:
             group["lr"] = cfg["lr"] * min(1.0, (self.step + 1) / cfg["warmup"]) if cfg["warmup"] else cfg["lr"]
         self.opt.step()
@@ -399,7 +402,7 @@ class Trainer:
         self.update_ema()
         self.step += 1
         self.images_seen += cfg["batch_size"]
-        return total, path
+        return total, path, grad_norm
 
     def backward(self, example, out_res, y, path, first=True):
         """Forward and backward of one micro-batch, gradients accumulated; returns its share of the loss."""
@@ -564,13 +567,14 @@ class Trainer:
         log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a" if cfg["resume"] else "w") if self.master else None
         self.wandb = start_wandb(cfg) if self.master and cfg["wandb_project"] else None
         bar = tqdm(total=cfg["max_steps"], initial=self.step, disable=not self.master, dynamic_ncols=True)
-        window = dict(loss={}, count={}, flops=0.0, start=time.time(), steps=0)
+        window = new_window()
         run_start = time.time()
         last_good = self.step if cfg["resume"] else None  # step of this run's checkpoint on disk
         while self.step < cfg["max_steps"]:
-            loss, path = self.train_step()
+            loss, path, grad_norm = self.train_step()
             window["loss"][path] = window["loss"].get(path, 0) + loss  # summed on the device: no sync per step
             window["count"][path] = window["count"].get(path, 0) + 1
+            window["grad_norm"][path] = torch.maximum(window["grad_norm"].get(path, grad_norm), grad_norm)
             if self.peak:  # only the MFU column uses it, and counting a new path takes seconds
                 window["flops"] += self.step_flops(path)
             window["steps"] += 1
@@ -579,7 +583,7 @@ class Trainer:
             if self.step % cfg["log_every"] == 0 or checkpoint:  # no checkpoint is written before this check
                 record = self.log(window, bar, log)
                 self.stop_if_diverged(record, last_good)
-                window = dict(loss={}, count={}, flops=0.0, start=time.time(), steps=0)
+                window = new_window()
                 done = done or self.out_of_time(run_start)
             if checkpoint or done:
                 self.save()
@@ -620,15 +624,18 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         seconds = time.time() - window["start"]
         paths = sorted(window["loss"])
-        sums = torch.stack([window["loss"][p] for p in paths])
+        # Losses, then gradient norms (the same on every rank: they follow the all-reduce), in one tensor.
+        sums = torch.stack([window["loss"][p] for p in paths] + [window["grad_norm"][p] for p in paths])
         if self.world > 1:  # the global batch's loss: every rank logs, and stops on, the same numbers
             dist.all_reduce(sums)
             sums /= self.world
-        per_path = {p: v / window["count"][p] for p, v in zip(paths, sums.tolist())}  # the one sync per log
+        values = sums.tolist()  # the one sync per log
+        per_path = {p: v / window["count"][p] for p, v in zip(paths, values)}
         steps = window["steps"]
         loss = sum(per_path[p] * window["count"][p] for p in per_path) / steps
         rate = steps * self.cfg["batch_size"] / seconds
         record = dict(step=self.step, images_seen=self.images_seen, loss=loss, loss_per_path=per_path,
+                      grad_norm_per_path=dict(zip(paths, values[len(paths):])),  # the largest since the last log
                       images_per_s=rate, ms_per_step=1000 * seconds / steps, time=time.time())
         if self.peak:
             record["mfu"] = window["flops"] / seconds / self.peak
@@ -644,6 +651,12 @@ class Trainer:
             bar.set_postfix_str(f"loss {loss:.4f} | {rate:.0f} img/s{extra} | eta {remaining / 3600:.1f} h")
             bar.update(steps)
         return record
+
+
+def new_window():
+    """What the log accumulates between two log lines: per path the loss sum, step count and largest gradient
+    norm (tensors on the device), the model FLOPs, the steps and the start time."""
+    return dict(loss={}, count={}, grad_norm={}, flops=0.0, start=time.time(), steps=0)
 
 
 def json_safe(value):

@@ -151,6 +151,8 @@ def test_class_conditional_run(tmp_path, cache_dir):
 def test_options_train(tmp_path, cache_dir, args, paths):
     fit(tmp_path, cache_dir, "--max_steps", "2", "--log_every", "1", "--sample_every", "0", *args)
     assert all(set(r["loss_per_path"]) == paths and math.isfinite(r["loss"]) for r in read_log(tmp_path))
+    assert all(set(r["grad_norm_per_path"]) == paths and all(0 < v < math.inf for v in r["grad_norm_per_path"].values())
+               for r in read_log(tmp_path))
 
 
 def test_msf_method_trains_and_resumes_exactly(tmp_path, cache_dir):
@@ -235,9 +237,9 @@ train_step = train.Trainer.train_step
 
 
 def recorded_step(self):
-    loss, path = train_step(self)
+    loss, path, grad_norm = train_step(self)
     steps.append((path, loss.item()))
-    return loss, path
+    return loss, path, grad_norm
 
 
 train.Trainer.train_step = recorded_step
