@@ -8,10 +8,11 @@ in one run on one GPU (SPEC 3 FLOP counts, the real training step of train.py, s
 Variants: "ssd" (the Flexi-UNet with L levels), "flexi1" (the same network at one level: SSD's 1L baseline),
 "full" (the ADM UNet at full resolution, DDPM-x0) and "msf" (the two-stage MSF baseline of msf.py); a suffix
 "-nograph" runs a variant without CUDA graphs and "-cl" in channels-last layout, for before/after comparisons in
-the same run. Memory: "peak GB" is the most allocated at once; with CUDA graphs the recorded paths' activations
-live in the graphs' private pool, so "reserved GB" (all memory the process holds) is the figure that compares. Training time is measured per resolution path and averaged with
-the share of batches each path gets under SPEC 2's batch rule; compilation and warm-up are excluded, CUDA is
-synchronised, and each figure is the median of several repeats. Results go to OUT/bench_<res>px.json and .md.
+the same run. Training time is measured per resolution path and averaged with the share of batches each path gets
+under SPEC 2's batch rule; compilation and warm-up are excluded, CUDA is synchronised, and each figure is the median
+of several repeats. Memory: "peak GB" is the most allocated at once; with CUDA graphs the recorded paths'
+activations live in the graphs' private pool, so "reserved GB" (all memory the process holds) is the figure that
+compares. Results go to OUT/bench_<res>px.json and .md.
 """
 import argparse
 import json
@@ -129,11 +130,7 @@ def bench_sampling(trainer, args):
 def largest_batch(trainer, limit=4096):
     """Largest power-of-two per-GPU batch whose most expensive path trains without running out of memory."""
     t = max(path_shares(trainer.ss), key=lambda t: trainer.step_flops(trainer.path_name(torch.tensor([t]))))
-    trainer.cfg["cuda_graphs"] = False  # a failed capture is hard to recover from; the memory is the same
-    trainer.graphs.clear()  # and the recorded graphs' memory is given back first
-    trainer.opt.zero_grad(set_to_none=True)
-    trainer.grad_buffers = None
-    torch.cuda.empty_cache()
+    trainer.drop_graphs()  # eager steps: a failed capture is hard to recover from, and the memory is the same
     best, batch = 0, 32
     while batch <= limit:
         trainer.per_rank = trainer.micro = batch

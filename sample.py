@@ -81,10 +81,14 @@ def parse_labels(text):
 # sampling
 
 
+def labels_for(index, classes, device):
+    """The labels of the images numbered `index` (CPU int64): image k gets classes[k mod len(classes)]."""
+    return classes[index % len(classes)].to(device) if classes is not None else None
+
+
 def denoiser_for(net, ss, cfg, index, classes, cfg_scale):
-    """The denoiser for the images numbered `index` (CPU int64): each gets class classes[k mod len(classes)]."""
-    device = next(net.parameters()).device
-    y = classes[index % len(classes)].to(device) if classes is not None else None
+    """The denoiser for the images numbered `index`."""
+    y = labels_for(index, classes, next(net.parameters()).device)
     return network_denoiser(net, ss, y, cfg_scale, cfg["parameterisation"])
 
 
@@ -96,9 +100,9 @@ def draw(net, ss, cfg, index, seed=0, steps=None, method="ancestral", classes=No
         if record:
             raise ValueError("--progression shows the states of one scale-space chain; an MSF checkpoint samples "
                              "two separate chains: draw a grid or --outdir instead")
-        y = classes[index % len(classes)].to(device) if classes is not None else None
         ss_base = msf.scale_spaces(cfg["res"], cfg["msf_factor"], cfg["T"], cfg["noise"])[0]
-        return msf.sample(net, ss_base, ss, len(index), cfg["channels"], steps, method, noise, y, cfg_scale)
+        return msf.sample(net, ss_base, ss, len(index), cfg["channels"], steps, method, noise,
+                          labels_for(index, classes, device), cfg_scale)
     denoise = denoiser_for(net, ss, cfg, index, classes, cfg_scale)
     return sample(denoise, ss, len(index), cfg["channels"], steps, method, noise, record)
 

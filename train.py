@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import msf
 from data import get_batch, load_dataset, prepare_dataset, save_grid
 from degrade import SCHEDULES, ScaleSpace
-import msf
 from flexi_unet import UNet, paper_config, path_gflops, tiny_config
 from ssd import batch_steps, inner_steps, network_denoiser, sample, seeded_noise, training_example, weighted_mse
 
@@ -448,6 +448,14 @@ class Trainer:
             loss.backward()
         graph.loss = loss.detach()  # keeping the autograd graph alive would pin its nodes to the capture stream
         return graph
+
+    def drop_graphs(self):
+        """Train without CUDA graphs from now on, and give their memory back."""
+        self.cfg["cuda_graphs"] = False
+        self.graphs.clear()
+        self.opt.zero_grad(set_to_none=True)
+        self.grad_buffers = self.graph_pool = None
+        torch.cuda.empty_cache()
 
     @torch.no_grad()
     def update_ema(self):
