@@ -541,9 +541,25 @@ class Trainer:
             print(f"resumed from {self.ckpt_path} at step {self.step} ({self.images_seen:,} images seen)")
 
     def save(self):
+        if self.world > 1:
+            self.check_ranks_in_step()
         state = self.state()  # every rank takes part in gathering the RNG states
         if self.master:
             save_checkpoint(self.ckpt_path, state)
+
+    @torch.no_grad()
+    def check_ranks_in_step(self):
+        """Every rank must hold the same weights (same initial weights, paths and averaged gradients), since the
+        checkpoint keeps rank 0's copy: compare a float64 sum of every parameter tensor across the ranks."""
+        sums = torch.stack([p.double().sum() for p in self.params])
+        extremes = torch.stack([sums, -sums])
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)  # per tensor: the largest sum and minus the smallest
+        differ = (extremes[0] != -extremes[1]).nonzero().flatten().tolist()
+        if differ:
+            names = [name for name, _ in self.model.named_parameters()]
+            raise RuntimeError(f"the GPUs' copies of the model differ at step {self.step} ({len(differ)} tensors, "
+                               f"e.g. {names[differ[0]]}), so the ranks are out of step; this is a bug: please "
+                               f"report it with the command, and resume from the last checkpoint")
 
     @torch.no_grad()
     def save_samples(self):

@@ -228,6 +228,7 @@ def test_resume_is_exact(tmp_path, cache_dir, dropout):
 
 
 DDP_SCRIPT = """
+import os
 import sys
 import torch
 import train
@@ -244,20 +245,27 @@ def recorded_step(self):
 
 train.Trainer.train_step = recorded_step
 trainer = train.Trainer(train.parse_config(sys.argv[1:]))
+if os.environ.get("PERTURB_RANK") == str(trainer.rank):  # a replica that drifted: the checkpoint must refuse it
+    trainer.params[-1].data += 1e-3
 trainer.fit()
 torch.save(dict(model=trainer.model.state_dict(), ema=trainer.ema.state_dict(), steps=steps),
            f"{trainer.cfg['out_dir']}/rank{trainer.rank}.pt")
 """
 
 
-def test_ddp_two_processes_stay_identical(tmp_path, cache_dir):
+def run_two_processes(tmp_path, cache_dir, max_steps, **env):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", **env)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               *TINY, "--max_steps", "4", "--log_every", "2", "--out_dir", str(out), "--cache_dir", cache_dir]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+               *TINY, "--max_steps", str(max_steps), "--log_every", "2", "--out_dir", str(out),
+               "--cache_dir", cache_dir]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120), out
+
+
+def test_ddp_two_processes_stay_identical(tmp_path, cache_dir):
+    result, out = run_two_processes(tmp_path, cache_dir, max_steps=4)
     assert result.returncode == 0, result.stderr[-3000:]
 
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -277,6 +285,13 @@ def test_ddp_two_processes_stay_identical(tmp_path, cache_dir):
         for path, value in record["loss_per_path"].items():
             losses = [loss for p, loss in window if p == path]
             assert value == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+def test_ddp_refuses_to_checkpoint_ranks_out_of_step(tmp_path, cache_dir):
+    result, out = run_two_processes(tmp_path, cache_dir, max_steps=2, PERTURB_RANK="1")
+    assert result.returncode != 0
+    assert "copies of the model differ at step 2" in result.stderr and "out of step" in result.stderr
+    assert not (out / "ckpt.pt").exists()
 
 
 # -----------------------------------------------------------------------------
