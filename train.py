@@ -67,9 +67,10 @@ DEFAULTS = dict(
     time_budget=0.0,           # minutes of training after compilation, checked at each log (0 = no limit)
     # system
     device="auto",             # auto, cuda, cpu
-    compile=None,              # torch.compile the UNet block by block (default: on CUDA)
+    compile=False,             # torch.compile the UNet block by block: faster, but see README (Training stability)
     cuda_graphs=None,          # replay small paths' forward and backward as CUDA graphs (default: on CUDA, no dropout)
     channels_last=False,
+    bf16=None,                 # bf16 autocast (default: on CUDA); False trains in float32 (TF32 matmuls)
     seed=0,
     # output
     out_dir="out",
@@ -88,7 +89,7 @@ MODEL_KEYS = ("dataset", "res", "levels", "schedule", "gamma", "op", "noise", "T
 # The type of each setting whose default is None (set by a preset, or automatic); --key None keeps the default.
 OPTIONAL_TYPES = dict(data_dir=str, cache_dir=str, res=int, levels=int, transitions=str, transition_share=float,
                       model=str, batch_size=int, micro_batch=int, lr=float, warmup=int, grad_clip=float,
-                      max_steps=int, compile=bool, cuda_graphs=bool, wandb_project=str)
+                      max_steps=int, cuda_graphs=bool, bf16=bool, wandb_project=str)
 # A micro-batch of at most this many output pixels per GPU replays as a CUDA graph (with --cuda_graphs). Below it the
 # host is the bottleneck: on an H100 the 64 px path at batch 128 (this size) ran 10% faster as a graph and the 8 px
 # path 3x faster (bench.py). Above it the GPU is, and a graph would hold the path's activations in its own pool on top
@@ -137,9 +138,9 @@ def apply_presets(cfg):
             raise ValueError(f"--baseline {cfg['baseline']!r}: choose x0 or eps (DDPM on the full UNet) or none")
         cfg.update(levels=1, flexi=False, parameterisation=cfg["baseline"])
     # The paper trains with LR 1e-4 (5e-5 at 256 px), no warm-up and no clipping (SPEC 5). At 64 px that diverged
-    # in 3 of our 4 SSD runs of two minutes on an H100; LR 5e-5 with 500 warm-up steps and clipping at norm 1 kept
-    # two uncompiled runs stable for their 1,100 steps, but a compiled one still diverged after ~1,050 (README,
-    # "Training stability, an open problem"). Pass --lr 1e-4 --warmup 0 --grad_clip 0 for the paper's settings.
+    # in 3 of our 4 compiled SSD runs of two minutes on an H100. With LR 5e-5, 500 warm-up steps and clipping at
+    # norm 1, eager bf16 runs stayed stable for 2,000 steps, and compiled bf16 ones still did not (README, "Training
+    # stability"). Pass --lr 1e-4 --warmup 0 --grad_clip 0 for the paper's settings.
     if paper:
         preset = dict(model="paper", batch_size=64 if res >= 256 else 128, lr=5e-5, warmup=500, grad_clip=1.0,
                       max_steps=1_000_000 if res <= 64 else 300_000)
@@ -279,8 +280,6 @@ class Trainer:
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True  # every path has static shapes: pick each conv's fastest kernel
-        if cfg["compile"] is None:
-            cfg["compile"] = cuda
         if cfg["cuda_graphs"] is None:
             cfg["cuda_graphs"] = cuda and cfg["dropout"] == 0  # dropout's random masks would be fixed at capture
         if cfg["cuda_graphs"] and not cuda:
@@ -318,7 +317,12 @@ class Trainer:
                          noise=torch.Generator(self.device).manual_seed(seed + 10_000 + self.rank))
         self.step, self.images_seen = 0, 0
         # No autocast weight cache: a CUDA graph must not capture casts that are cached across steps.
-        self.autocast = torch.autocast("cuda", torch.bfloat16, cache_enabled=False) if cuda else contextlib.nullcontext()
+        if cfg["bf16"] is None:
+            cfg["bf16"] = cuda
+        if cfg["bf16"] and not cuda:
+            raise ValueError("--bf16 True needs a CUDA device")
+        self.autocast = (torch.autocast("cuda", torch.bfloat16, cache_enabled=False) if cfg["bf16"]
+                         else contextlib.nullcontext())
         self.graphs, self.graph_pool, self.grad_buffers = {}, None, None
         self.peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(self.device)),
                          None) if cuda else None
@@ -492,6 +496,8 @@ class Trainer:
         self.set_rng_states(states)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        if self.world > 1:  # each GPU compiles its own kernels (the cache is per device): wait for the slowest
+            dist.barrier()
         return list(paths), time.time() - start
 
     # --- checkpoints and samples ---------------------------------------------------

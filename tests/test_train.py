@@ -359,6 +359,8 @@ def test_bad_settings_are_named(argv, message):
     (["--dataset", "celeba", "--data_dir", "no_such_folder"], FileNotFoundError,
      "data folder no_such_folder does not exist"),
     (["--resume", "True"], FileNotFoundError, "no checkpoint at"),
+    (["--device", "cpu", "--cuda_graphs", "True"], ValueError, "--cuda_graphs True needs a CUDA device"),
+    (["--device", "cpu", "--bf16", "True"], ValueError, "--bf16 True needs a CUDA device"),
 ])
 def test_bad_inputs_get_their_message(tmp_path, cache_dir, args, error, message):
     with pytest.raises(error, match=message):
