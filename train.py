@@ -284,6 +284,10 @@ class Trainer:
             cfg["cuda_graphs"] = cuda and cfg["dropout"] == 0  # dropout's random masks would be fixed at capture
         if cfg["cuda_graphs"] and not cuda:
             raise ValueError("--cuda_graphs True needs a CUDA device")
+        if cfg["bf16"] is None:
+            cfg["bf16"] = cuda
+        if cfg["bf16"] and not cuda:
+            raise ValueError("--bf16 True needs a CUDA device")
 
         self.ss = build_scale_space(cfg)  # before the data: a bad ladder fails at once, not after preparing a cache
         cfg["transitions"] = self.ss.transitions
@@ -317,10 +321,6 @@ class Trainer:
                          noise=torch.Generator(self.device).manual_seed(seed + 10_000 + self.rank))
         self.step, self.images_seen = 0, 0
         # No autocast weight cache: a CUDA graph must not capture casts that are cached across steps.
-        if cfg["bf16"] is None:
-            cfg["bf16"] = cuda
-        if cfg["bf16"] and not cuda:
-            raise ValueError("--bf16 True needs a CUDA device")
         self.autocast = (torch.autocast("cuda", torch.bfloat16, cache_enabled=False) if cfg["bf16"]
                          else contextlib.nullcontext())
         self.graphs, self.graph_pool, self.grad_buffers = {}, None, None
