@@ -29,7 +29,8 @@ from data import ImageData
 from ssd import inner_steps, network_denoiser, sample, seeded_noise
 from train import DEFAULTS, PEAK_BF16_FLOPS, Trainer, apply_presets, parse_bool
 
-VARIANTS = {"ssd": {}, "flexi1": dict(levels=1), "full": dict(baseline="x0"), "msf": dict(method="msf")}
+VARIANTS = {"ssd": {}, "flexi1": dict(levels=1), "full": dict(baseline="x0"), "msf": dict(method="msf"),
+            "ssdqk": dict(qk_norm=True), "ssdfp32attn": dict(attention_fp32=True), "fullqk": dict(baseline="x0", qk_norm=True)}
 
 
 class SyntheticTrainer(Trainer):

@@ -62,6 +62,8 @@ class UNetConfig:
     dropout: float = 0.0
     num_classes: int = 0                  # 0 = unconditional
     flexi: bool = True                    # False = the "full UNet" ablation (and the DDPM baseline at levels=1)
+    qk_norm: bool = False                 # RMS-normalise queries and keys per head (see Attention)
+    attention_fp32: bool = False          # attention logits and softmax in float32 under bf16 autocast
 
     def __post_init__(self):
         # Tuples keep the config hashable, the key of the GFLOPs cache.
@@ -139,20 +141,39 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the pixels of a feature map, residual, zero-initialised output projection."""
+    """Multi-head self-attention over the pixels of a feature map, residual, zero-initialised output projection.
 
-    def __init__(self, ch, heads, groups):
+    qk_norm (project option, off in the paper's model): queries and keys are RMS-normalised per head, with a
+    learned gain, before the dot product. The logits q.k / sqrt(d) are then bounded by the gains instead of by the
+    growing qkv weights, which keeps the softmax out of saturation and its bf16 rounding error small.
+    """
+
+    def __init__(self, ch, heads, groups, qk_norm=False, fp32=False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.fp32 = heads, fp32
         self.norm = nn.GroupNorm(groups, ch)
         self.qkv = nn.Linear(ch, 3 * ch)
         self.proj = zero_init(nn.Linear(ch, ch))
+        self.q_gain = nn.Parameter(torch.ones(ch // heads)) if qk_norm else None
+        self.k_gain = nn.Parameter(torch.ones(ch // heads)) if qk_norm else None
 
-    def forward(self, x):
+    def project(self, x):
+        """Queries, keys and values of a (B, C, H, W) feature map, each (B, heads, H*W, C / heads)."""
         B, C, H, W = x.shape
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # a free view for channels_last input
         q, k, v = self.qkv(tokens).view(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)  # fused kernel on GPU; scale 1/sqrt(head dim) as ADM
+        if self.q_gain is not None:  # the norm in float32: its mean of squares is a reduction
+            q = F.rms_norm(q.float(), q.shape[-1:], self.q_gain.float()).to(v.dtype)
+            k = F.rms_norm(k.float(), k.shape[-1:], self.k_gain.float()).to(v.dtype)
+        return q, k, v
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.project(x)
+        if self.fp32:
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(v.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # fused kernel on GPU; scale 1/sqrt(head dim) as ADM
         out = self.proj(out.transpose(1, 2).reshape(B, H * W, C))
         return x + out.view(B, H, W, C).permute(0, 3, 1, 2)
 
@@ -184,7 +205,8 @@ class Block(nn.Module):
     def __init__(self, in_ch, out_ch, emb_ch, cfg, attention, upsample=False):
         super().__init__()
         self.res = ResBlock(in_ch, out_ch, emb_ch, cfg.norm_groups, cfg.dropout)
-        self.attn = Attention(out_ch, cfg.num_heads, cfg.norm_groups) if attention else nn.Identity()
+        self.attn = (Attention(out_ch, cfg.num_heads, cfg.norm_groups, cfg.qk_norm, cfg.attention_fp32)
+                     if attention else nn.Identity())
         self.up = Upsample(out_ch) if upsample else nn.Identity()
 
     def forward(self, x, emb):

@@ -57,7 +57,7 @@ def merge(base, residual, up, scale):
 # The two networks
 
 
-def msf_configs(model, res, in_channels, factor=2, num_classes=0, dropout=0.0):
+def msf_configs(model, res, in_channels, factor=2, **options):
     """(base_config, residual_config) of the two UNets; the residual one takes U base as cond_channels.
 
     paper: the base network is the part of the paper's UNet below res/factor (128 channels x its channel_mult
@@ -67,7 +67,7 @@ def msf_configs(model, res, in_channels, factor=2, num_classes=0, dropout=0.0):
     the detail. Both are one-level Flexi-UNets (flexi=True, levels=1), the family of SSD's 1-level baseline: the
     decoder block that would consume the stem's skip is built but never runs. tiny: small networks for CPU tests.
     """
-    common = dict(in_channels=in_channels, flexi=True, num_classes=num_classes, dropout=dropout)
+    common = dict(in_channels=in_channels, flexi=True, **options)  # options: UNetConfig fields (dropout, ...)
     if model == "paper":
         full = paper_config(res, 1, **common)
         skip = int(math.log2(factor))  # the encoder levels above res/factor

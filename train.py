@@ -27,6 +27,7 @@ import msf
 from data import get_batch, load_dataset, prepare_dataset, save_grid
 from degrade import SCHEDULES, ScaleSpace
 from flexi_unet import UNet, paper_config, path_gflops, tiny_config
+from monitor import FORWARD_IMAGES, Monitor
 from ssd import batch_steps, inner_steps, network_denoiser, sample, seeded_noise, training_example, weighted_mse
 
 DEFAULTS = dict(
@@ -55,6 +56,8 @@ DEFAULTS = dict(
     model=None,                # paper or tiny (preset: paper for celeba/imagenet, tiny otherwise)
     flexi=True,                # False: the full-UNet ablation (every input upsampled, every block run)
     dropout=0.0,
+    qk_norm=True,              # RMS-normalise attention queries and keys (flexi_unet.Attention); False: the paper's
+    attention_fp32=False,      # attention logits and softmax in float32 under bf16
     # optimisation (SPEC 5)
     batch_size=None,           # global batch over all GPUs (preset: 128 at 64/128 px, 64 at 256 px, 64 tiny)
     micro_batch=None,          # images per forward pass on one GPU (gradient accumulation above it)
@@ -67,7 +70,7 @@ DEFAULTS = dict(
     time_budget=0.0,           # minutes of training after compilation, checked at each log (0 = no limit)
     # system
     device="auto",             # auto, cuda, cpu
-    compile=False,             # torch.compile the UNet block by block: faster, but see README (Training stability)
+    compile=None,              # torch.compile the UNet block by block (default: on CUDA)
     cuda_graphs=None,          # replay small paths' forward and backward as CUDA graphs (default: on CUDA, no dropout)
     channels_last=False,
     bf16=None,                 # bf16 autocast (default: on CUDA); False trains in float32 (TF32 matmuls)
@@ -85,11 +88,11 @@ DEFAULTS = dict(
 
 # Settings a checkpoint must share with the run that resumes it: they define the model and the process.
 MODEL_KEYS = ("dataset", "res", "levels", "schedule", "gamma", "op", "noise", "T", "parameterisation", "model",
-              "flexi", "class_cond", "channels", "num_classes", "transitions", "method", "msf_factor")
+              "flexi", "class_cond", "channels", "num_classes", "transitions", "method", "msf_factor", "qk_norm")
 # The type of each setting whose default is None (set by a preset, or automatic); --key None keeps the default.
 OPTIONAL_TYPES = dict(data_dir=str, cache_dir=str, res=int, levels=int, transitions=str, transition_share=float,
                       model=str, batch_size=int, micro_batch=int, lr=float, warmup=int, grad_clip=float,
-                      max_steps=int, cuda_graphs=bool, bf16=bool, wandb_project=str)
+                      max_steps=int, compile=bool, cuda_graphs=bool, bf16=bool, wandb_project=str)
 # A micro-batch of at most this many output pixels per GPU replays as a CUDA graph (with --cuda_graphs). Below it the
 # host is the bottleneck: on an H100 the 64 px path at batch 128 (this size) ran 10% faster as a graph and the 8 px
 # path 3x faster (bench.py). Above it the GPU is, and a graph would hold the path's activations in its own pool on top
@@ -176,11 +179,11 @@ def build_model(cfg):
     make = {"paper": paper_config, "tiny": tiny_config}.get(cfg["model"])
     if make is None:
         raise ValueError(f"--model {cfg['model']!r}: choose paper or tiny")
+    options = dict(dropout=cfg["dropout"], num_classes=cfg["num_classes"], qk_norm=cfg.get("qk_norm", False),
+                   attention_fp32=cfg.get("attention_fp32", False))
     if cfg["method"] == "msf":
-        return msf.MSF(*msf.msf_configs(cfg["model"], cfg["res"], cfg["channels"], cfg["msf_factor"],
-                                        cfg["num_classes"], cfg["dropout"]))
-    return UNet(make(cfg["res"], cfg["levels"], in_channels=cfg["channels"], flexi=cfg["flexi"],
-                     dropout=cfg["dropout"], num_classes=cfg["num_classes"]))
+        return msf.MSF(*msf.msf_configs(cfg["model"], cfg["res"], cfg["channels"], cfg["msf_factor"], **options))
+    return UNet(make(cfg["res"], cfg["levels"], in_channels=cfg["channels"], flexi=cfg["flexi"], **options))
 
 
 # -----------------------------------------------------------------------------
@@ -286,6 +289,8 @@ class Trainer:
             raise ValueError("--cuda_graphs True needs a CUDA device")
         if cfg["bf16"] is None:
             cfg["bf16"] = cuda
+        if cfg["compile"] is None:
+            cfg["compile"] = cuda
         if cfg["bf16"] and not cuda:
             raise ValueError("--bf16 True needs a CUDA device")
 
@@ -324,6 +329,7 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", torch.bfloat16, cache_enabled=False) if cfg["bf16"]
                          else contextlib.nullcontext())
         self.graphs, self.graph_pool, self.grad_buffers = {}, None, None
+        self.monitor, self.block_fields = Monitor(self.model), {}
         self.peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(self.device)),
                          None) if cuda else None
         os.makedirs(cfg["out_dir"], exist_ok=True)
@@ -391,17 +397,25 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i in range(0, self.per_rank, self.micro):
             part = slice(i, i + self.micro)
-            example = self.examples(x0[part], t[part])
-            total += self.backward(example, out_res, y[part] if y is not None else None, path, first=i == 0)
+            example, labels = self.examples(x0[part], t[part]), y[part] if y is not None else None
+            total += self.backward(example, out_res, labels, path, first=i == 0)
         if self.world > 1:
             all_reduce_gradients(self.params, self.world)
         trained = [p for p in self.params if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trained])  # logged: the first sign of divergence
+        grad_norm = self.monitor.gradient_norm(path, trained)  # logged: the first sign of divergence
         if cfg["grad_clip"] > 0:
             torch.nn.utils.clip_grads_with_norm_(trained, cfg["grad_clip"], grad_norm)
         for group in self.opt.param_groups:
             group["lr"] = cfg["lr"] * min(1.0, (self.step + 1) / cfg["warmup"]) if cfg["warmup"] else cfg["lr"]
+        measure = (self.step + 1) % cfg["log_every"] == 0
+        if measure:  # the block measurements of the log line: activations of this batch, size of this update
+            few = slice(0, FORWARD_IMAGES)
+            maxima = self.monitor.forward_maxima(lambda: self.network_loss(
+                tuple(e[few] for e in example), out_res, labels[few] if labels is not None else None))
+            self.monitor.before_update(trained)
         self.opt.step()
+        if measure:
+            self.block_fields = dict(updates=self.monitor.update_ratios(), maxima=maxima)
         self.opt.zero_grad(set_to_none=True)  # blocks off the next path keep no gradient
         self.update_ema()
         self.step += 1
@@ -667,6 +681,8 @@ class Trainer:
         record = dict(step=self.step, images_seen=self.images_seen, loss=loss, loss_per_path=per_path,
                       grad_norm_per_path=dict(zip(paths, values[len(paths):])),  # the largest since the last log
                       images_per_s=rate, ms_per_step=1000 * seconds / steps, time=time.time())
+        record.update(self.monitor.record(**self.block_fields))
+        self.block_fields = {}
         if self.peak:
             record["mfu"] = window["flops"] / seconds / self.peak
         if self.device.type == "cuda":
