@@ -2,9 +2,11 @@ import gzip
 import io
 import json
 import os
+import re
 import struct
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 
 import numpy as np
@@ -15,6 +17,9 @@ from PIL import Image
 import data
 
 RES = 8
+# The tests' datasets are tiny and some images small: the tests of those two warnings record them themselves.
+pytestmark = [pytest.mark.filterwarnings("ignore:only [0-9]+ images? in"),
+              pytest.mark.filterwarnings("ignore:upscaled")]
 
 
 def noise_image(width, height, seed):
@@ -83,7 +88,7 @@ def test_celeba_folder_without_partition_uses_every_image(tmp_path, capsys):
     assert "every image" in capsys.readouterr().out
     assert d.images.shape == (4, RES, RES, 3) and d.images.dtype == np.uint8
     assert (d.res, d.channels, len(d), d.labels, d.num_classes) == (RES, 3, 4, None, 0)
-    assert d.key == f"celeba-all-4-{RES}px-v{data.PREP_VERSION}"
+    assert re.fullmatch(f"celeba-all-4-{RES}px-v{data.PREP_VERSION}-[0-9a-f]{{16}}", d.key)  # the files' fingerprint
     assert np.array_equal(d.images, expected)
     # data_dir may also name the image folder itself
     d2 = data.load_dataset("celeba", RES, str(tmp_path / "celeba" / "img_align_celeba"),
@@ -165,7 +170,7 @@ def test_missing_idx_files_are_downloaded_from_the_official_location(tmp_path, m
 
 def test_bundled_fashion_mnist_is_the_default(tmp_path):
     d = data.load_dataset("fashion_mnist", 32, cache_dir=str(tmp_path), workers=1)
-    assert d.key == f"fashion_mnist-t10k-10000-32px-v{data.PREP_VERSION}"
+    assert d.key.startswith(f"fashion_mnist-t10k-10000-32px-v{data.PREP_VERSION}-")
     assert d.images.shape == (10000, 32, 32, 1) and d.num_classes == 10
     assert np.bincount(d.labels).tolist() == [1000] * 10
     assert 20 < d.images[:100].mean() < 200  # real clothes on black, not a blank array
@@ -213,6 +218,124 @@ def test_default_cache_goes_inside_a_writable_data_folder_else_the_current_one(t
     assert os.path.dirname(path) == "cache" and not os.path.exists(tmp_path / "shared" / "cache")
 
 
+def count_builds(monkeypatch):
+    builds = []
+    build = data._build_cache
+    monkeypatch.setattr(data, "_build_cache", lambda *args: builds.append(args[1]) or build(*args))
+    return builds
+
+
+def test_replacing_adding_or_removing_an_image_rebuilds_the_cache(tmp_path, monkeypatch):
+    folder = tmp_path / "photos"
+    write_images(folder, ["a.png", "b.png"])
+    builds = count_builds(monkeypatch)
+    first = load("folder", folder, tmp_path)
+    # b.png replaced by another image of the same format: same file count, new pixels
+    replaced = write_images(folder, ["a.png", "c.png"])
+    os.replace(folder / "c.png", folder / "b.png")
+    second = load("folder", folder, tmp_path)
+    assert builds == [RES, RES] and np.array_equal(second.images, replaced) and second.key != first.key
+    # the same size and contents but a new modification time also counts: the fingerprint reads no pixels
+    os.utime(folder / "a.png", ns=(1, 10**18))
+    load("folder", folder, tmp_path)
+    assert builds == [RES] * 3
+    write_images(folder, ["d.png"])
+    assert len(load("folder", folder, tmp_path)) == 3 and builds == [RES] * 4
+    os.remove(folder / "a.png")
+    os.remove(folder / "d.png")
+    assert len(load("folder", folder, tmp_path)) == 1 and builds == [RES] * 5
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted(f"folder-photos-{n}-{RES}px-v{data.PREP_VERSION}.{ext}"
+                                                            for n in (1, 2, 3) for ext in ("json", "uint8"))
+    load("folder", folder, tmp_path)
+    assert builds == [RES] * 5  # nothing changed: reused
+
+
+def test_an_unchanged_cache_is_reused_without_decoding_an_image(tmp_path, monkeypatch):
+    write_images(tmp_path / "photos", ["a.png", "b.png"])
+    first = load("folder", tmp_path / "photos", tmp_path)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded an image")
+
+    monkeypatch.setattr(Image, "open", no_decoding)
+    second = load("folder", tmp_path / "photos", tmp_path)
+    assert second.key == first.key and np.array_equal(second.images, first.images)
+
+
+def test_a_replaced_zip_member_rebuilds_the_cache(tmp_path):
+    folder = tmp_path / "unzipped"
+    expected = write_images(folder, ["000001.jpg", "000002.jpg", "000003.jpg"])
+    archive = tmp_path / "img_align_celeba.zip"
+    for members in (["000001.jpg", "000002.jpg"], ["000001.jpg", "000003.jpg"]):
+        with zipfile.ZipFile(archive, "w") as z:
+            for name, source in zip(["000001.jpg", "000002.jpg"], members):
+                z.write(folder / source, f"img_align_celeba/{name}")
+        os.utime(archive, ns=(1, 10**18))  # the same time stamp both times: the members' CRCs tell them apart
+        d = load("celeba", archive, tmp_path)
+    assert np.array_equal(d.images, expected[[0, 2]])
+
+
+def test_a_cache_without_a_fingerprint_or_its_images_is_rebuilt(tmp_path, monkeypatch):
+    write_images(tmp_path / "photos", ["a.png"])
+    builds = count_builds(monkeypatch)
+    meta_path = data.prepare_dataset("folder", RES, str(tmp_path / "photos"), str(tmp_path / "cache"), workers=1)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    del meta["fingerprint"]  # as written before the cache knew its files
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    load("folder", tmp_path / "photos", tmp_path)
+    os.remove(meta_path[:-len(".json")] + ".uint8")
+    assert len(load("folder", tmp_path / "photos", tmp_path)) == 1
+    assert builds == [RES] * 3
+
+
+# -----------------------------------------------------------------------------
+# warnings
+
+
+def user_warnings(function):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = function()
+    return result, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_upscaled_images_are_counted_in_one_warning_with_the_smallest(tmp_path):
+    folder = tmp_path / "photos"
+    write_images(folder, ["big.png"])
+    write_images(folder, ["small.png"], size=(6, 5))
+    write_images(folder, ["tall.png"], size=(7, 30))
+    _, messages = user_warnings(lambda: load("folder", folder, tmp_path))
+    upscaled = [m for m in messages if m.startswith("upscaled")]
+    assert len(upscaled) == 1 and "\n" not in upscaled[0]
+    assert re.search(f"upscaled 2 of 3 images .*below {RES} px .*smallest 6x5", upscaled[0])
+    _, messages = user_warnings(lambda: load("folder", folder, tmp_path, res=4))
+    assert not [m for m in messages if m.startswith("upscaled")]
+
+
+def test_mnist_28_px_to_32_px_is_the_usual_protocol_and_64_px_warns(tmp_path):
+    write_idx_pair(tmp_path / "mnist", "train", np.zeros((100, 28, 28)), np.arange(100) % 10)
+    _, messages = user_warnings(lambda: load("mnist", tmp_path / "mnist", tmp_path, res=32))
+    assert messages == []
+    _, messages = user_warnings(lambda: load("mnist", tmp_path / "mnist", tmp_path, res=64))
+    assert len(messages) == 1 and re.search("upscaled 100 of 100 images .*below 64 px .*smallest 28x28", messages[0])
+
+
+def test_a_small_dataset_warns_at_every_load(tmp_path):
+    write_idx_pair(tmp_path / "few", "train", np.zeros((data.MIN_IMAGES - 1, RES, RES)), np.zeros(data.MIN_IMAGES - 1))
+    write_idx_pair(tmp_path / "enough", "train", np.zeros((data.MIN_IMAGES, RES, RES)), np.zeros(data.MIN_IMAGES))
+    for _ in range(2):  # the second load reuses the cache and still warns
+        d, messages = user_warnings(lambda: load("mnist", tmp_path / "few", tmp_path))
+        assert len(d) == 99 and len(messages) == 1 and "\n" not in messages[0]
+        assert re.search(f"only 99 images .*fewer than {data.MIN_IMAGES}", messages[0])
+    d, messages = user_warnings(lambda: load("mnist", tmp_path / "enough", tmp_path))
+    assert len(d) == 100 and messages == []
+    write_images(tmp_path / "one", ["a.png"])
+    _, messages = user_warnings(lambda: load("folder", tmp_path / "one", tmp_path))
+    assert len(messages) == 1 and "only 1 image " in messages[0]
+
+
 # -----------------------------------------------------------------------------
 # bad input
 
@@ -231,12 +354,18 @@ def test_corrupt_images_are_skipped_and_named(tmp_path):
 def test_no_readable_image_is_an_error(tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "broken.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(RuntimeError, match="none of the 1 images .* could be read .*broken.jpg"):
+    with pytest.raises(ValueError, match="none of the 1 images .* could be read .*broken.jpg"):
         load("folder", tmp_path / "photos", tmp_path)
     assert not os.listdir(tmp_path / "cache")  # nothing half-written left behind
 
 
 @pytest.mark.parametrize("name, res, data_dir, error, message", [
+    ("celeba", RES, "photos/a.png", FileNotFoundError, r"data_dir .*a.png is a file, not a folder: .*photos\)"
+     r".*DIR/img_align_celeba/000001.jpg"),
+    ("celeba", RES, "fake.zip", FileNotFoundError, "fake.zip is a file but not a readable zip archive"),
+    ("folder", RES, "photos/a.png", FileNotFoundError, r"a.png is a file, not a folder: .*point data_dir at a folder"),
+    ("imagenet", RES, "photos/a.png", FileNotFoundError, r"a.png is a file, not a folder: .*train/<class>"),
+    ("mnist", RES, "photos/a.png", FileNotFoundError, r"a.png is a file, not a folder: .*train-images-idx3"),
     ("cifar", RES, "photos", ValueError, "unknown dataset 'cifar'; the known datasets are: celeba, imagenet"),
     ("folder", 48, "photos", ValueError, "resolution 48 is not a power of two"),
     ("folder", RES, "missing", FileNotFoundError, "missing does not exist"),
@@ -249,8 +378,31 @@ def test_no_readable_image_is_an_error(tmp_path):
 def test_bad_input_says_what_is_wrong(tmp_path, name, res, data_dir, error, message):
     write_images(tmp_path / "photos", ["a.png"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(error, match=message):
+    (tmp_path / "fake.zip").write_bytes(b"PK not really a zip")
+    with pytest.raises(error, match=message) as caught:
         load(name, None if data_dir is None else tmp_path / data_dir, tmp_path, res=res)
+    assert "\n" not in str(caught.value)  # the scripts print it as one "error: ..." line
+
+
+def test_a_damaged_celeba_zip_is_reported(tmp_path):
+    (tmp_path / "img_align_celeba.zip").write_bytes(b"PK\x03\x04" + b"\x00" * 100)
+    with pytest.raises(ValueError, match="img_align_celeba.zip is not a readable zip archive .*download it again"):
+        load("celeba", tmp_path, tmp_path)
+
+
+def test_a_malformed_partition_file_is_reported(tmp_path):
+    write_images(tmp_path / "img_align_celeba", CELEBA_NAMES[:1])
+    (tmp_path / "list_eval_partition.txt").write_text("000001.jpg 0\n<html>a download error page</html>\n")
+    with pytest.raises(ValueError, match=r"list_eval_partition.txt line 2 .*not '<file> <partition>'"):
+        load("celeba", tmp_path, tmp_path)
+
+
+def test_a_cache_that_cannot_be_written_is_a_user_error(tmp_path):
+    write_images(tmp_path / "photos", ["a.png"])
+    (tmp_path / "taken").write_text("a file where the cache folder should go")
+    with pytest.raises(ValueError, match="could not write the cache .*taken.*cache_dir") as caught:
+        data.load_dataset("folder", RES, str(tmp_path / "photos"), cache_dir=str(tmp_path / "taken"), workers=1)
+    assert "\n" not in str(caught.value)
 
 
 def test_missing_idx_files_offline_say_where_to_put_them(tmp_path, monkeypatch):
@@ -267,6 +419,12 @@ def test_damaged_idx_file_is_reported(tmp_path):
     (tmp_path / "mnist" / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"garbage!"))
     with pytest.raises(ValueError, match="train-labels-idx1-ubyte.gz is not an idx file"):
         load("mnist", tmp_path / "mnist", tmp_path)
+    write_idx_pair(tmp_path / "swapped", "train", np.zeros(2), np.zeros(2))  # labels where the images belong
+    with pytest.raises(ValueError, match=r"holds an array of shape \(2,\) .* not \(N, height, width\) images"):
+        load("mnist", tmp_path / "swapped", tmp_path)
+    write_idx_pair(tmp_path / "none", "train", np.zeros((0, 4, 4)), np.zeros(0))
+    with pytest.raises(FileNotFoundError, match="no mnist images found"):
+        load("mnist", tmp_path / "none", tmp_path)
 
 
 # -----------------------------------------------------------------------------
@@ -301,3 +459,9 @@ def test_get_batch_of_unlabelled_colour_images(tmp_path):
 def test_to_uint8_images_clips_out_of_range_values():
     x = torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0]).view(1, 1, 1, 5)
     assert data.to_uint8_images(x).ravel().tolist() == [0, 0, 128, 255, 255]
+
+
+def test_the_module_cites_the_paper_and_method_not_spec():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in ("data.py", "tests/test_data.py"):
+        assert "SP" + "EC" not in open(os.path.join(root, path), encoding="utf-8").read(), path  # split: no match

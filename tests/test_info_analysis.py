@@ -1,5 +1,9 @@
-"""Tests of info_analysis.py: the information proxy (SPEC 4) and the closed-form recoverability on Gaussian data."""
+"""Tests of info_analysis.py: the information proxy (paper Sec. 3.2, Fig. 2; METHOD.md §6) and the closed-form
+recoverability on Gaussian data."""
+import argparse
 import math
+import os
+import re
 
 import numpy as np
 import pytest
@@ -7,6 +11,7 @@ import torch
 
 from data import load_dataset
 from degrade import Separable, downsample_operator, information_proxy, level_transitions, make_alphas_cumprod
+import info_analysis
 from info_analysis import (PAPER_INFO, T, explained_variance, first_crossing, image_covariance, level_spectrum,
                            matched_transitions, measure, mutual_information_bits, proxy_crossings)
 
@@ -118,3 +123,44 @@ def test_real_recoverability_is_monotone_in_t_and_in_resolution(fashion_mnist_re
     assert all(0 < t < T for t in matched) and matched == sorted(set(matched))
     # real images are smooth: a halving keeps far more than the proxy's 1/4, so parity comes much earlier than t = 344
     assert float(result["clean"][1]) > 0.9 and matched[0] < 200
+
+
+# --- the script ------------------------------------------------------------------
+
+
+def test_figures_go_to_out_by_default_and_parity_transitions_are_printed_as_analysis(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    fast = ["--res", "16", "--images", "600", "--cache_dir", str(tmp_path / "cache")]
+    info_analysis.main(fast)
+    assert sorted(os.listdir(tmp_path / "out")) == ["info_empirical_fashion_mnist.png", "info_proxy.png"]
+    assert not (tmp_path / "assets").exists()
+    text = capsys.readouterr().out
+    assert "analysis, not a recommended schedule" in text and info_analysis.PARITY_CAVEAT in text
+    assert "FID 350.6 against 61.0" in info_analysis.PARITY_CAVEAT
+    commands = [line.strip() for line in text.splitlines() if "python train.py" in line]
+    assert commands  # a printed command is complete: dataset, resolution, levels and the steps
+    for command in commands:
+        assert re.fullmatch(r"python train.py --dataset fashion_mnist --res 16 --levels 4 --transitions \d+,\d+,\d+",
+                            command)
+    written = []  # an explicit folder, as for the README's figures; drawn once above, so only the paths now
+    monkeypatch.setattr(info_analysis, "plot_proxy", lambda path: written.append(path))
+    monkeypatch.setattr(info_analysis, "plot_empirical", lambda path, *args: written.append(path))
+    info_analysis.main(fast + ["--out", str(tmp_path / "figures")])
+    names = ("info_proxy.png", "info_empirical_fashion_mnist.png")
+    assert written == [str(tmp_path / "figures" / name) for name in names]
+
+
+def test_a_dataset_that_needs_a_folder_gets_a_data_dir_placeholder(capsys):
+    args = argparse.Namespace(dataset="celeba", data_dir="my/celeba", res=64)
+    info_analysis.print_parity_schedule([48, 188, 395, 600], args, levels=6)
+    lines = capsys.readouterr().out.splitlines()
+    command = next(line.strip() for line in lines if "python train.py" in line)
+    assert command.startswith("python train.py --dataset celeba --data_dir PATH --res 64 --levels 4 "
+                              "--transitions 48,188,395")
+    assert "my/celeba" not in "\n".join(lines)
+
+
+def test_the_module_cites_the_paper_and_method_not_spec():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in ("info_analysis.py", "tests/test_info_analysis.py"):
+        assert "SP" + "EC" not in open(os.path.join(root, path), encoding="utf-8").read(), path  # split: this line must not match
