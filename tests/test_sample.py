@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fid
 import sample
 import train
 
@@ -134,16 +135,15 @@ def test_weights_that_do_not_fit_the_config_fail_clearly(ckpt, tmp_path):
         sample.load_model(str(broken))
 
 
-def test_fid_is_printed_and_recorded(ckpt, tmp_path, capsys):
-    # A tiny random feature network stands in for Inception (fid.py takes any TorchScript file).
+def test_fid_is_printed_and_recorded(ckpt, tmp_path, capsys, monkeypatch):
+    # A tiny random feature network stands in for Inception.
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 13, stride=13), torch.nn.AdaptiveAvgPool2d(2),
                               torch.nn.Flatten())
-    torch.jit.save(torch.jit.script(net), tmp_path / "features.pt")
+    monkeypatch.setattr(fid, "load_inception", lambda path, device: fid.InceptionFeatures(net, "tiny", device))
     metrics = tmp_path / "metrics.json"
     sample.main(["--ckpt", ckpt, "--n", "6", "--steps", STEPS, "--outdir", str(tmp_path / "samples"), "--fid",
-                 "--inception", str(tmp_path / "features.pt"), "--fid_ref_max", "16",
-                 "--cache_dir", str(tmp_path / "cache"), "--metrics", str(metrics)])
+                 "--max_ref", "16", "--cache_dir", str(tmp_path / "cache"), "--metrics", str(metrics)])
     record = json.loads(metrics.read_text())
     assert math.isfinite(record["fid"]) and record["fid"] > 0
     assert (record["n"], record["n_ref"], record["steps"], record["sampler"]) == (6, 16, int(STEPS), "ancestral")
