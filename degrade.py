@@ -3,10 +3,10 @@ The forward process of Scale Space Diffusion: resize operators, noise and level 
 marginals q(x_t | x_0) and the exact posteriors q(x_{t-1} | x_t, x_0), resolution changes included.
 
 Every operator here is separable: R x = A_h x A_w^T for each channel, with small dense per-axis matrices
-(SPEC 1, "Operators"). That makes composition a product of two small matrices, the adjoint a transpose, and the
+(METHOD.md §1). That makes composition a product of two small matrices, the adjoint a transpose, and the
 eigendecomposition of R^T R (needed for the exact posterior noise) two small symmetric eigenproblems.
 
-Notation (SPEC, top): code steps t = 0..T-1, t = 0 the least noisy; s = t-1; a_t = sqrt(abar_t),
+Notation (METHOD.md): code steps t = 0..T-1, t = 0 the least noisy; s = t-1; a_t = sqrt(abar_t),
 sigma_t = sqrt(1 - abar_t). r(t) is the resolution of x_t.
 
     python degrade.py      # prints the ladders and level schedules of the paper's configurations
@@ -41,17 +41,6 @@ def box_matrix(n_in, factor=2):
         raise ValueError(f"box downsampling by {factor} needs a size divisible by {factor}, got {n_in}")
     return torch.kron(torch.eye(n_in // factor, dtype=torch.float64),
                       torch.full((1, factor), 1 / factor, dtype=torch.float64))
-
-
-def gaussian_matrix(n, sigma):
-    """Gaussian blur at fixed size with zero padding: a conv2d with a normalised Gaussian kernel of radius 3 sigma."""
-    radius = max(1, math.ceil(3 * sigma))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    diff = torch.arange(n)[None, :] - torch.arange(n)[:, None]  # j - i
-    inside = diff.abs() <= radius
-    return torch.where(inside, kernel[(diff + radius).clamp(0, 2 * radius)], torch.zeros((), dtype=torch.float64))
 
 
 # -----------------------------------------------------------------------------
@@ -152,7 +141,7 @@ def make_alphas_cumprod(T=1000, kind="linear"):
 
 
 def information_proxy(abar):
-    """SPEC 4 / paper Fig. 2a: Info(t) = P(|sigma_t eps| <= |a_t x_0|) with x_0 ~ U(-1, 1) per pixel.
+    """Paper Sec. 3.2, Fig. 2a (METHOD.md §6): Info(t) = P(|sigma_t eps| <= |a_t x_0|) with x_0 ~ U(-1, 1) per pixel.
 
     Info = 1 - 2 int_0^1 Phi(-s x) dx with s = a_t / sigma_t. Since d/du [u Phi(-u) - phi(u)] = Phi(-u),
     the integral is closed form: int_0^1 Phi(-s x) dx = Phi(-s) + (phi(0) - phi(s)) / s.
@@ -164,7 +153,7 @@ def information_proxy(abar):
 
 
 # -----------------------------------------------------------------------------
-# Level schedules: which rung of the ladder each step lives on (SPEC 1)
+# Level schedules: which rung of the ladder each step lives on (METHOD.md §1)
 
 LEVEL_SHAPES = {
     "convex": lambda tau, gamma: 1 - (1 - tau) ** gamma,  # ConvexDecay(gamma), the paper's choice with gamma = 0.5
@@ -196,7 +185,7 @@ def level_transitions(levels, T=1000, schedule="convex", gamma=0.5, noise="linea
         raise ValueError(f"unknown level schedule {schedule!r}: choose one of {SCHEDULES}")
     tau = torch.arange(T, dtype=torch.float64) / (T - 1)
     # Plain float64, as in the paper's code: t = 888 lies exactly on f = 2/3 and rounds just below it, which is why
-    # the paper's transitions (SPEC 1 table) read 889 there.
+    # the paper's transitions (METHOD.md §1) read 889 there.
     level = torch.floor(levels * LEVEL_SHAPES[schedule](tau, gamma)).clamp(max=levels - 1).long()
     return [int(t) for t in torch.nonzero(level[1:] != level[:-1]).flatten() + 1]
 
@@ -206,7 +195,7 @@ def level_transitions(levels, T=1000, schedule="convex", gamma=0.5, noise="linea
 
 
 class ScaleSpace:
-    """The forward process x_t = a_t R_{1:t} x_0 + sigma_t eps at resolution r(t) (SPEC 1), and its posterior.
+    """The forward process x_t = a_t R_{1:t} x_0 + sigma_t eps at resolution r(t) (paper Thm 1, METHOD.md §1), and its posterior.
 
     res: full resolution; levels: rungs of the ladder res, res/2, ..., res/2^(L-1) (levels = 1 is plain DDPM with
     x0-prediction, through the same code). `sizes` replaces the halving ladder by any decreasing list of sizes
@@ -296,20 +285,20 @@ class ScaleSpace:
         return self.cumulative[level](x0) if level else x0
 
     def q_sample(self, x0, t, noise=None):
-        """x_t = a_t R_{1:t} x_0 + sigma_t eps, eps ~ N(0, I) at r(t) (SPEC 1; no noise rescaling at a resize)."""
+        """x_t = a_t R_{1:t} x_0 + sigma_t eps, eps ~ N(0, I) at r(t) (METHOD.md §1; no noise rescaling at a resize)."""
         mean = self.degrade(x0, self.level_of(t))
         if noise is None:
             noise = torch.randn_like(mean)
         return self._per_image(self.a, t, mean) * mean + self._per_image(self.sigma, t, mean) * noise
 
     def target(self, x0, t):
-        """The network's regression target R_{1:t-1} x_0 at r(t-1); x_0 itself at t = 0 (SPEC 2)."""
+        """The network's regression target R_{1:t-1} x_0 at r(t-1); x_0 itself at t = 0 (METHOD.md §3)."""
         return self.degrade(x0, self.target_level(t))
 
     # --- reverse process ----------------------------------------------------
 
     def pair(self, t, s):
-        """(c, rho, R) for the step t -> s: c = sqrt(abar_t / abar_s), rho = sigma_s^2 / sigma_t^2 (SPEC 2)."""
+        """(c, rho, R) for the step t -> s: c = sqrt(abar_t / abar_s), rho = sigma_s^2 / sigma_t^2 (METHOD.md §2)."""
         abar = self._abar  # python floats: a sampling step does no tensor arithmetic on scalars
         c = math.sqrt(abar[t] / abar[s])
         rho = (1 - abar[s]) / (1 - abar[t])
@@ -347,7 +336,7 @@ class ScaleSpace:
         """One ancestral step x_t -> x_s (s = t-1 unless a respaced sampler gives the next kept step).
 
         x0_hat is the model's clean prediction at r(s); xi optional unit noise at r(s) (else drawn from generator).
-        At t = 0 it returns the clean prediction (SPEC 2, project choice).
+        At t = 0 it returns the clean prediction (METHOD.md §4, project choice).
         """
         if t == 0:
             return x0_hat

@@ -433,7 +433,8 @@ def exact_fp32():
 
 def images_to_float(images, device):
     """uint8 (N, H, W, C) with C = 1 or 3, numpy or torch -> float (N, 3, H, W) in [0, 255] on device."""
-    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
+    # numpy arrays are copied: a memory-mapped one is read-only, which torch.from_numpy warns about
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise ValueError(f"FID needs uint8 images shaped (N, H, W, C) with C = 1 or 3, got {x.dtype} of shape "
                          f"{tuple(x.shape)}; convert images in [-1, 1] with "

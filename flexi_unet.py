@@ -1,13 +1,13 @@
 """
-Flexi-UNet (SPEC 3): the ADM UNet of guided-diffusion, rebuilt from scratch, with routing that lets one
-network denoise every level of the resolution ladder (SPEC 1).
+Flexi-UNet (paper Sec. 4.3, METHOD.md §5): the ADM UNet of guided-diffusion, rebuilt from scratch, with routing that lets one
+network denoise every level of the resolution ladder (METHOD.md §1).
 
 An input at resolution r enters the encoder at the level whose native resolution is r, goes down through the
 middle block and back up, and leaves either at r (resolution-preserving step) or at 2r (resolution-increasing
-step, SPEC 2: the network predicts the clean image at the next, larger resolution).
+step, METHOD.md §3: the network predicts the clean image at the next, larger resolution).
 
     python flexi_unet.py --res 64 --levels 4     # parameters and GFLOPs of every path
-    python flexi_unet.py --all                   # the table of SPEC 3, for 64, 128 and 256 px
+    python flexi_unet.py --all                   # against the authors' models, at 64, 128 and 256 px
 
 Layout. The encoder is one flat list in ADM order (level 0 blocks, downsample, level 1 blocks, ...); every
 entry's output is a skip. The decoder is one flat list too, and each of its blocks consumes exactly one skip,
@@ -15,10 +15,10 @@ so a path runs as many decoder blocks as there are skips on its stack. That sing
 - full UNet: the stem output is a skip as well, so all decoder blocks run;
 - Flexi, resolution-preserving: the entry feature is not a skip, so the decoder stops after the entry level's
   first num_res_blocks blocks (the block that would consume the stem's / previous downsample's skip never runs);
-- Flexi, resolution-increasing: zero tensors stand in for the skips of the level above the entry (SPEC 3), so
+- Flexi, resolution-increasing: zero tensors stand in for the skips of the level above the entry (paper Sec. 4.3), so
   the decoder carries on through the upsampling block and the first num_res_blocks blocks of that level.
 
-Choices SPEC 3 leaves open (project choices); the first two are what its parameter and GFLOPs figures require:
+Choices the paper leaves open (project choices); the first two are what its parameter and GFLOPs figures require:
 - A 1x1 adapter exists only where the widths differ; an equal-width adapter is the identity (so at 64 px only
   the levels 2 and 3 inputs and the levels 1-3 outputs have one). With adapters everywhere the counts overshoot.
 - The decoder block that consumes the stem's skip is built in both variants, so a Flexi and a full UNet of the
@@ -26,12 +26,12 @@ Choices SPEC 3 leaves open (project choices); the first two are what its paramet
   parameter count.
 - Every resolution-increasing step takes the zero-skip route, the last one into full resolution included (the
   authors instead run the full-resolution path on the upsampled x_t there, which costs 0.02-0.04% more GFLOPs on
-  average: the whole difference to SPEC 3).
-- GFLOPs include the two attention matrix products (q k^T and attention x v) everywhere. SPEC 3's figures for the
+  average: the whole difference to the authors' figures).
+- GFLOPs include the two attention matrix products (q k^T and attention x v) everywhere. The authors' figures for the
   full ADM UNet leave them out (its Flexi figures do not): 0.55 / 0.55 / 0.72 GFLOPs at 64 / 128 / 256 px, which
   is exactly the gap of our full-UNet numbers to them.
 - The full-UNet variant upsamples a low-resolution input with nearest neighbours (each pixel of x_t, and its
-  noise variance, kept as is) and resizes the output down with bilinear antialias, the degradation of SPEC 1.
+  noise variance, kept as is) and resizes the output down with bilinear antialias, the degradation of METHOD.md §1.
 """
 import argparse
 import functools
@@ -64,6 +64,7 @@ class UNetConfig:
     flexi: bool = True                    # False = the "full UNet" ablation (and the DDPM baseline at levels=1)
     qk_norm: bool = False                 # RMS-normalise queries and keys per head (see Attention)
     attention_fp32: bool = False          # attention logits and softmax in float32 under bf16 autocast
+    upsample_into_full: bool = False      # the authors' route into full resolution (see UNet.forward)
 
     def __post_init__(self):
         # Tuples keep the config hashable, the key of the GFLOPs cache.
@@ -84,7 +85,7 @@ class UNetConfig:
 
 
 def paper_config(res, levels, in_channels=3, **overrides):
-    """The settings of SPEC 3 (ADM, 128 channels, 2 blocks, attention at 16 and 8, 4 heads)."""
+    """The paper's settings (Sec. 4.3: ADM, 128 channels, 2 blocks, attention at 16 and 8, 4 heads)."""
     mults = {64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}
     if res not in mults:
         raise ValueError(f"the paper has no UNet for res={res}; use one of {sorted(mults)} or build UNetConfig")
@@ -108,7 +109,7 @@ def zero_init(module):
 
 
 def adapter(in_ch, out_ch):
-    """1x1 conv between widths (SPEC 3), the identity between equal ones (see the header)."""
+    """1x1 conv between widths (paper Sec. 4.3), the identity between equal ones (see the header)."""
     return nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
 
@@ -323,6 +324,13 @@ class UNet(nn.Module):
         emb = self.embed(t, y)
         if not self.config.flexi:
             return self.forward_full(x, emb, out_res)
+        if self.config.upsample_into_full and level_out == 0 < level_in:
+            # The authors' code routes the step into full resolution through the full-resolution path, on x_t
+            # resized up bilinearly (antialias=True, which is plain bilinear when enlarging); their released weights
+            # were trained that way (official.py).
+            full = self.config.res
+            x = F.interpolate(x, size=(full, full), mode="bilinear", antialias=True, align_corners=False)
+            level_in = 0
 
         h = self.in_adapters[level_in](self.stem(x))
         skips = self.zero_skips(h, level_out, level_in)  # none unless the path increases the resolution
@@ -416,7 +424,7 @@ def parameter_count(model):
 # -----------------------------------------------------------------------------
 # python flexi_unet.py: sizes and compute of the paper's models
 
-# SPEC 3: parameters (millions) of the Flexi-UNet; average GFLOPs by number of levels ("full": the ADM UNet).
+# The authors' models (paper Table 2): parameters (millions) of the Flexi-UNet; average GFLOPs by number of levels ("full": the ADM UNet).
 PAPER_PARAMS = {64: 92.26, 128: 95.23, 256: 124.25}
 PAPER_GFLOPS = {64: {"full": 60.05, 1: 56.71, 2: 51.16, 3: 44.82, 4: 38.99},
                 128: {"full": 132.30, 1: 117.28, 3: 87.93, 5: 67.24},
@@ -448,13 +456,13 @@ def print_table():
                 gflops = average_gflops(model, ScaleSpace(res, levels))
             print(f"{res:4d} {name:>5} {parameter_count(model) / 1e6:7.2f}M {paper_params:>8} {gflops:8.2f} "
                   f"{paper_gflops:8.2f} {100 * (gflops / paper_gflops - 1):+6.2f}%")
-    print("Full-UNet rows: SPEC 3's figures leave out the attention matrix products (0.55 / 0.55 / 0.72 GFLOPs).")
+    print("Full-UNet rows: the authors' figures leave out the attention matrix products (0.55 / 0.55 / 0.72 GFLOPs).")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Parameters and forward GFLOPs of the Flexi-UNet (SPEC 3)")
+    parser = argparse.ArgumentParser(description="Parameters and forward GFLOPs of the Flexi-UNet (paper Sec. 4.3)")
     parser.add_argument("--res", type=int, default=64, help="full resolution: 64, 128 or 256")
     parser.add_argument("--levels", type=int, default=4, help="number of resolutions served")
-    parser.add_argument("--all", action="store_true", help="the table of SPEC 3 for 64, 128 and 256 px")
+    parser.add_argument("--all", action="store_true", help="the table against the authors' models at 64, 128 and 256 px")
     args = parser.parse_args()
     print_table() if args.all else print_paths(args.res, args.levels)

@@ -1,8 +1,12 @@
 """
-Training health, block by block: where a loss spike starts.
+What a training run measures and writes to its log (out_dir/log.jsonl, one JSON record per line).
 
-A spike shows first in one block of the network, then spreads. To see which, train.py logs per block (the stem,
-each encoder / middle / decoder block, the head, the embeddings, the adapters):
+Per resolution path, over the steps since the last line: the mean loss and the largest gradient norm; and the
+speed, MFU and memory. A loss far above the recent ones, or a non-finite weight, stops the run before a checkpoint
+could keep it.
+
+Per block, because a loss spike shows first in one block of the network and then spreads (the stem, each
+encoder / middle / decoder block, the head, the embeddings, the adapters):
 
 - the gradient norm of the block's parameters, the largest over the log window (every step, on the device);
 - the size of the optimiser's update relative to the weights, ||w_new - w_old|| / ||w_old|| (at log steps);
@@ -11,7 +15,11 @@ each encoder / middle / decoder block, the head, the embeddings, the adapters):
 
     python plot_logs.py out/log.jsonl --metric block_grad_norm     # one line per block
 """
+import json
 import math
+import os
+import statistics
+import time
 
 import torch
 
@@ -22,6 +30,7 @@ from flexi_unet import Attention
 BLOCK_LISTS = ("encoder", "middle", "decoder", "in_adapters", "out_adapters")
 SINGLE_BLOCKS = ("stem", "head", "time_embed", "label_embed")
 FORWARD_IMAGES = 16  # images of the step's batch that the activation pass sees: maxima need no large batch
+DIVERGENCE_FACTOR = 100  # a path's loss this many times the median of its recent ones: the run diverged
 
 
 def block_of(name):
@@ -126,3 +135,110 @@ def attention_logits(module, x):
     """The logits q.k / sqrt(d) of an Attention layer on its input x, in float32."""
     q, k, _ = module.project(x)
     return (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+
+
+# -----------------------------------------------------------------------------
+# the log line
+
+
+class Window:
+    """What a log line sums up: per path the loss sum, step count and largest gradient norm (device tensors: no
+    sync per step), the model FLOPs, the steps and the time since the last line."""
+
+    def __init__(self):
+        self.loss, self.count, self.grad_norm = {}, {}, {}
+        self.flops, self.steps, self.start = 0.0, 0, time.time()
+
+    def add(self, path, loss, grad_norm, flops=0.0):
+        self.loss[path] = self.loss.get(path, 0) + loss
+        self.count[path] = self.count.get(path, 0) + 1
+        self.grad_norm[path] = torch.maximum(self.grad_norm.get(path, grad_norm), grad_norm)
+        self.flops += flops
+        self.steps += 1
+
+    def record(self, step, images_seen, batch_size, device, world=1, peak_flops=None):
+        """The log record: loss overall and per path, gradient norms, throughput, MFU and memory. Under DDP the
+        losses are the global batch's, so every rank logs, and stops on, the same numbers."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.time() - self.start
+        paths = sorted(self.loss)
+        sums = torch.stack([self.loss[p] for p in paths] + [self.grad_norm[p] for p in paths])
+        if world > 1:
+            torch.distributed.all_reduce(sums)
+            sums /= world
+        values = sums.tolist()  # the one sync per log line
+        per_path = {p: v / self.count[p] for p, v in zip(paths, values)}
+        record = dict(step=step, images_seen=images_seen,
+                      loss=sum(per_path[p] * self.count[p] for p in paths) / self.steps, loss_per_path=per_path,
+                      grad_norm_per_path=dict(zip(paths, values[len(paths):])),  # the largest since the last line
+                      images_per_s=self.steps * batch_size / seconds, ms_per_step=1000 * seconds / self.steps,
+                      time=time.time())
+        if peak_flops:
+            record["mfu"] = self.flops / seconds / peak_flops
+        if device.type == "cuda":
+            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        return record
+
+
+class RunLog:
+    """The JSON-lines log of a run, written by rank 0 (and sent to Weights & Biases if asked). A resumed run first
+    drops the lines after its checkpoint (steps that run again), so the log reads as one run."""
+
+    def __init__(self, path, resumed_step=None, wandb_project=None, config=None):
+        kept = []
+        if resumed_step is not None and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resumed_step]
+        self.file = open(path, "w")
+        self.file.writelines(kept)
+        self.file.flush()
+        self.wandb = start_wandb(wandb_project, config, resumed_step is not None) if wandb_project else None
+
+    def write(self, record):
+        self.file.write(json.dumps(json_safe(record)) + "\n")
+        self.file.flush()
+        if self.wandb:
+            self.wandb.log(record, step=record["step"])
+
+    def close(self):
+        self.file.close()
+
+
+def json_safe(value):
+    """A record as standard JSON: a non-finite loss (the step a run diverged) becomes null, not NaN."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def start_wandb(project, config, resume):
+    """Weights & Biases logging, an optional extra: the JSON-lines log is the record of a run."""
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("--wandb_project needs the wandb package: pip install wandb (or leave the flag out)") from None
+    wandb.init(project=project, config=config, resume="allow" if resume else None)
+    return wandb
+
+
+def check_divergence(record, params, history, kept, ckpt_path):
+    """Stop before a checkpoint could keep a diverged model: non-finite weights or loss, or a path's loss far above
+    its recent values (a finite loss of 1e8 is no good checkpoint either). Each path is judged against itself, since
+    the paths' losses differ by orders of magnitude. history: {path: the losses of the earlier lines}; kept: the
+    step of the checkpoint on disk, or None."""
+    loss = record["loss"]
+    weights_finite = bool(torch.stack([p.isfinite().all() for p in params]).all())
+    ratios = {path: value / statistics.median(history[path][-20:]) for path, value in record["loss_per_path"].items()
+              if len(history.get(path, ())) >= 3 and math.isfinite(value)}
+    path, ratio = max(ratios.items(), key=lambda item: item[1], default=(None, 0.0))
+    if weights_finite and math.isfinite(loss) and ratio <= DIVERGENCE_FACTOR:
+        for name, value in record["loss_per_path"].items():
+            history.setdefault(name, []).append(value)
+        return
+    why = ("weights not finite" if not weights_finite else "loss not finite" if not math.isfinite(loss) else
+           f"{ratio:.0f}x the median of the recent losses of path {path}")
+    kept = (f"the last good checkpoint (step {kept}) is kept in {ckpt_path}" if kept is not None else
+            "this run wrote no checkpoint yet")
+    raise FloatingPointError(f"training diverged at step {record['step']} (loss {loss:.4g}, {why}); {kept}. Lower "
+                             f"--lr, set --grad_clip 1, or --warmup 1000")

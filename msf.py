@@ -1,5 +1,5 @@
 """
-MSF, multi-scale factorisation (SPEC 6): a comparison baseline for Scale Space Diffusion.
+MSF, multi-scale factorisation (METHOD.md §7): a comparison baseline for Scale Space Diffusion.
 
 MSF ("Efficient Diffusion Model via Multi-Scale Latent Factorize", 2025) splits an image into a low-resolution base
 signal and a full-resolution residual, and models each with a lighter diffusion network. This is a pixel-space
@@ -17,11 +17,13 @@ import contextlib
 import math
 from dataclasses import replace
 
+import torch
 import torch.nn as nn
 
 import ssd
 from degrade import ScaleSpace, Separable, downsample_operator, resize_matrix
 from flexi_unet import UNet, paper_config, path_gflops, tiny_config
+from methods import Path, unet_from_spec, unet_spec
 
 # Project choice. On CelebA 64 px the residual (factor 2) has std 0.108 against 0.59 for the images: at its natural
 # scale its signal-to-noise ratio would be ~30x below the images' at every step, so noise would dominate it from the
@@ -112,18 +114,19 @@ def scale_spaces(res, factor, T=1000, noise="linear"):
 # Training and sampling
 
 
-def training_examples(model, x0, t_base, t_res, ss_base, ss_full, min_snr=5.0, noise_base=None, noise_res=None):
+def training_examples(x0, t_base, t_res, ss_base, ss_full, down, up, scale, min_snr=5.0, noise_base=None,
+                      noise_res=None):
     """The forward processes of both stages, in float32 (they are exact): a flat tuple of tensors
     (x_t, t, target, weight) of the base, then (x_t, t, target, weight, cond) of the residual, t on the device.
 
     t_base, t_res: CPU int64 steps (B,), drawn independently: the stages are two separate diffusions. cond is the
-    true upsampled base: stage 2 is trained on ground-truth conditioning.
+    true upsampled base: stage 2 is trained on ground-truth conditioning. down, up, scale: the factorisation.
     """
-    base, residual = split(x0, model.down, model.up, model.residual_scale)
+    base, residual = split(x0, down, up, scale)
     xb_t, target_b, weight_b = ssd.training_example(ss_base, base, t_base, "x0", min_snr, noise_base)
     xr_t, target_r, weight_r = ssd.training_example(ss_full, residual, t_res, "x0", min_snr, noise_res)
     on_device = lambda t: t.to(x0.device, non_blocking=True)
-    return xb_t, on_device(t_base), target_b, weight_b, xr_t, on_device(t_res), target_r, weight_r, model.up(base)
+    return xb_t, on_device(t_base), target_b, weight_b, xr_t, on_device(t_res), target_r, weight_r, up(base)
 
 
 def network_losses(model, examples, y=None, autocast=contextlib.nullcontext()):
@@ -139,7 +142,8 @@ def network_losses(model, examples, y=None, autocast=contextlib.nullcontext()):
 def training_losses(model, x0, t_base, t_res, ss_base, ss_full, min_snr=5.0, y=None, noise_base=None,
                     noise_res=None, autocast=contextlib.nullcontext()):
     """(loss_base, loss_res) of clean images x0: training_examples, then network_losses."""
-    examples = training_examples(model, x0, t_base, t_res, ss_base, ss_full, min_snr, noise_base, noise_res)
+    examples = training_examples(x0, t_base, t_res, ss_base, ss_full, model.down, model.up, model.residual_scale,
+                                 min_snr, noise_base, noise_res)
     return network_losses(model, examples, y, autocast)
 
 
@@ -166,3 +170,67 @@ def sample(model, ss_base, ss_full, n, channels, steps=None, method="ancestral",
                           lambda key, shape: noise(key + ss_base.T + 1, shape))
     return merge(base, residual, model.up, model.residual_scale).clamp(-1, 1)
 
+
+
+# -----------------------------------------------------------------------------
+# The method interface of methods.py
+
+
+def msf_spec(base_config, residual_config, T=1000, noise="linear", min_snr=5.0, residual_scale=RESIDUAL_SCALE):
+    return dict(method="msf", base=unet_spec(base_config), residual=unet_spec(residual_config), T=T, noise=noise,
+                min_snr=min_snr, residual_scale=residual_scale)
+
+
+class MSFMethod:
+    """MSF behind methods.py's interface. Every batch trains both stages, so it has one path, "msf"; the steps of a
+    batch are pairs (t of the residual, t of the base), drawn independently: the stages are separate diffusions."""
+
+    def __init__(self, spec):
+        self.spec, self.name = spec, "msf"
+        self.base_config, self.residual_config = unet_from_spec(spec["base"]), unet_from_spec(spec["residual"])
+        factor = self.residual_config.res // self.base_config.res
+        self.ss_base, self.ss = scale_spaces(self.residual_config.res, factor, spec["T"], spec["noise"])
+        self.down, self.up = factorisation(self.residual_config.res, factor)
+        self.min_snr = spec["min_snr"]
+        self.channels, self.num_classes = self.base_config.in_channels, self.base_config.num_classes
+        self.paths = [Path("msf", 0, 1.0)]
+
+    def build_model(self):
+        return MSF(self.base_config, self.residual_config, self.spec["residual_scale"])
+
+    def draw_steps(self, n, shared, local):
+        t_res = ssd.batch_steps(self.ss, n, shared, local)
+        t_base = torch.randint(self.ss_base.T, (n,), generator=local)
+        return torch.stack([t_res, t_base], dim=1)
+
+    def path_name(self, t):
+        return "msf"
+
+    def example(self, x0, t, noise, y=None, channels_last=False):
+        shape = lambda res: (x0.shape[0], x0.shape[1], res, res)
+        example = training_examples(x0, t[:, 1], t[:, 0], self.ss_base, self.ss, self.down, self.up,
+                                    self.spec["residual_scale"], self.min_snr, noise(shape(self.ss_base.sizes[0])),
+                                    noise(shape(self.ss.sizes[0])))
+        return example + (() if y is None else (y,))
+
+    def loss(self, model, example):
+        stages, labels = example[:9], example[9:]  # the nine tensors of training_examples, then the labels
+        return sum(network_losses(model, stages, labels[0] if labels else None))
+
+    def path_steps(self, path, n):
+        return torch.zeros((n, 2), dtype=torch.long)
+
+    def sample(self, model, n, channels, steps=None, sampler="ancestral", noise=None, y=None, cfg_scale=1.0,
+               record=()):
+        if record:
+            raise ValueError("--progression shows the states of one scale-space chain; an MSF checkpoint samples two "
+                             "separate chains: draw a grid or --outdir instead")
+        return sample(model, self.ss_base, self.ss, n, channels, steps, sampler, noise, y, cfg_scale)
+
+    def gflops(self, model, path):
+        return model.gflops()
+
+    def warm_up(self, model, n, channels, y=None, cfg_scale=1.0):
+        """Two steps of each stage run both networks on every shape they see."""
+        self.sample(model, n, channels, steps=2, y=y, cfg_scale=cfg_scale)
+        return 2

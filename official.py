@@ -4,7 +4,8 @@ The authors' released checkpoints (github.com/prateksha/ScaleSpaceDiffusion, MIT
 Their Flexi-UNet is guided-diffusion's ADM UNet with the same Flexi routing as ours (METHOD.md §5), so a converted
 file holds exactly their weights under our names. Two rules are more than renames: the channel order of the
 attention's qkv projection (qkv_to_ours) and their adapters shared between resolutions (adapter_sources). Their
-sampler routes one step differently from ours: OfficialUNet does it their way.
+model routes the step into full resolution through the full-resolution path (UNetConfig.upsample_into_full) and
+has the paper's attention (qk_norm=False): unet_config sets both.
 
     python official.py ssd_64res_celeba_4levels_ema_0.9999_1000000.pt celeba64_4L.pt
     python official.py their_ema.pt out.pt --res 128 --levels 3 --dataset celeba    # a file under another name
@@ -22,17 +23,15 @@ read too). Key layout, ours -> theirs:
               skip skip_connection.   Attention: norm, qkv, proj proj_out (1x1 Conv1d there, Linear here).
 """
 import argparse
-import dataclasses
 import os
-import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 
-from flexi_unet import UNet, UNetConfig, meta_model, paper_config, parameter_count
+import methods
+from common import read_tensors_file, run_script, save_checkpoint
+from flexi_unet import meta_model, paper_config, parameter_count
 
 # -----------------------------------------------------------------------------
 # The released models (their README): EMA 0.9999 weights, downloadable from URL + file name.
@@ -92,13 +91,13 @@ def is_official(obj):
 # Our config of a released model
 
 
-def unet_config(res, levels, dataset="celeba", num_classes=0):
+def unet_config(res, levels, num_classes=0):
     """Our UNetConfig for one of their models. Their configs/model.yaml is the paper's ADM setting, which
     paper_config holds: 128 channels, 2 residual blocks per level, attention at 16 and 8 px with 4 heads (no fixed
     head width, legacy head order), scale-shift norm, GroupNorm with 32 groups, no dropout at sampling, and their
-    channel multipliers per resolution (global_config.py). `dataset` changes no weight; num_classes > 0 for a
-    class-conditional file (one with label_emb.weight)."""
-    return paper_config(res, levels, num_classes=num_classes)
+    channel multipliers per resolution (global_config.py); with their attention and their route into full
+    resolution. num_classes > 0 for a class-conditional file (one with label_emb.weight)."""
+    return paper_config(res, levels, num_classes=num_classes, qk_norm=False, upsample_into_full=True)
 
 
 # -----------------------------------------------------------------------------
@@ -276,48 +275,14 @@ def convert_state_dict(state_dict, config):
 
 
 # -----------------------------------------------------------------------------
-# Their sampler's routing
-
-
-class OfficialUNet(UNet):
-    """Our UNet, routed as their sampler routes it at the step into full resolution.
-
-    At every resolution-increasing step but that one, their sampler runs the zero-skip route, as ours does. At the
-    step from res/2 into res (the first transition, t = transitions[0]) their preprocess_input instead resizes x_t
-    to full resolution (bilinear, antialias, align_corners=False) and runs the full-resolution path on it; their
-    model was trained that way too, so its weights expect that input there. Same state dict as UNet."""
-
-    def forward(self, x, t, out_res, y=None, cond=None):
-        full = self.config.res
-        if out_res == full and 2 * x.shape[-1] == full:
-            x = F.interpolate(x, size=(full, full), mode="bilinear", align_corners=False, antialias=True)
-        return super().forward(x, t, out_res, y, cond)
-
-
-def build_model(ckpt):
-    """The OfficialUNet of a converted checkpoint, its EMA weights loaded, in eval mode on the CPU."""
-    model = OfficialUNet(UNetConfig(**ckpt["unet"]))
-    model.load_state_dict(ckpt["ema"])
-    return model.eval().requires_grad_(False)
-
-
-# -----------------------------------------------------------------------------
 # Files
 
 
 def load_file(path):
-    """torch.load with weights_only=True: tensors and plain data only, never arbitrary pickled objects."""
+    """One of their files, read with weights_only=True: tensors and plain data only, never arbitrary objects."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no file at {path}: download one of {URL}<file name> (see RELEASED)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
-            raise ValueError(f"{path} is not a file written by torch.save") from None
-        raise ValueError(f"{path} holds pickled objects other than tensors and plain data; refusing to load it "
-                         f"(checkpoints are read with torch.load(weights_only=True))") from None
-    except (RuntimeError, KeyError, EOFError) as e:
-        raise ValueError(f"{path} is not a file written by torch.save ({type(e).__name__}: {e})") from None
+    obj = read_tensors_file(path, "checkpoint")
     sd = their_state_dict(obj)
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path} is not a state dict of tensors (nor {{'model': state dict, 'step': n}}): it holds "
@@ -358,28 +323,20 @@ def official_checkpoint(obj, source, res=None, levels=None, dataset=None):
     sd = their_state_dict(obj)
     num_classes = sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else 0
     try:
-        config = unet_config(res, levels, dataset, num_classes)
+        config = unet_config(res, levels, num_classes)
         ema = convert_state_dict(sd, config)
     except ValueError as e:
         fits = _fits_other(sd, res, num_classes)
         hint = f"; its tensors fit the {' and '.join(map(str, fits))} px model: pass --res {fits[0]}" if fits else ""
         raise ValueError(f"{source}: {e}{hint}") from None
     stored_step = obj.get("step", 0) if obj is not sd else 0
-    return {
-        "format": 1,
-        "method": "ssd",
-        "unet": dataclasses.asdict(config),
-        # Their ssd.yaml and diffusion.yaml: ConvexDecay_0.5 level schedule, BilinearOp (antialiased), a halving
-        # ladder, 1000 linear-beta steps, x0 prediction (START_X_RS). Their level rule gives our transitions.
-        "scale_space": dict(res=res, levels=levels, T=1000, schedule="convex", gamma=0.5, op="bilinear",
-                            noise="linear", transitions=None),
-        "ema": ema,
-        "step": int(named.get("steps", stored_step)),
-        "source": source,
-        "dataset": dataset,
-        # Build the network as OfficialUNet (build_model): their routing of the step into full resolution.
-        "last_transition": "upsample",
-    }
+    # Their ssd.yaml and diffusion.yaml: ConvexDecay_0.5 level schedule, BilinearOp (antialiased), a halving ladder,
+    # 1000 linear-beta steps, x0 prediction (START_X_RS). Their level rule gives our transitions.
+    scale_space = dict(res=res, levels=levels, T=1000, schedule="convex", gamma=0.5, op="bilinear", noise="linear",
+                       transitions=None)
+    return dict(format=1, spec=methods.ssd_spec("ssd", config, scale_space), ema=ema,
+                step=int(named.get("steps", stored_step)), source=source,
+                config=dict(dataset=dataset, res=res, levels=levels))
 
 
 def main(argv=None):
@@ -391,18 +348,14 @@ def main(argv=None):
     p.add_argument("--levels", type=int, help="number of resolutions (default: from the file name)")
     p.add_argument("--dataset", help="celeba or imagenet (default: from the file name)")
     args = p.parse_args(argv)
-    try:
-        obj = load_file(args.src)
-        ckpt = official_checkpoint(obj, os.path.basename(args.src), args.res, args.levels, args.dataset)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    tmp = args.dst + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, args.dst)  # atomic: never a half-written file under the real name
-    config = UNetConfig(**ckpt["unet"])
-    released = "" if is_released(ckpt["dataset"], config.res, config.levels) else " (not a released configuration)"
+    obj = load_file(args.src)
+    ckpt = official_checkpoint(obj, os.path.basename(args.src), args.res, args.levels, args.dataset)
+    save_checkpoint(args.dst, ckpt)
+    config = methods.unet_from_spec(ckpt["spec"]["unet"])
+    dataset = ckpt["config"]["dataset"]
+    released = "" if is_released(dataset, config.res, config.levels) else " (not a released configuration)"
     classes = f", {config.num_classes} classes" if config.num_classes else ""
-    print(f"{ckpt['source']}: {ckpt['dataset']} {config.res} px, {config.levels} levels{classes}{released}, "
+    print(f"{ckpt['source']}: {dataset} {config.res} px, {config.levels} levels{classes}{released}, "
           f"{ckpt['step']:,} training steps, {parameter_count(meta_model(config)) / 1e6:.2f}M parameters "
           f"-> {args.dst}")
     for name, source in shared_copies_that_differ(obj, config):
@@ -412,4 +365,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

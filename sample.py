@@ -1,12 +1,14 @@
 """
-Draw images from a trained Scale Space Diffusion model (its EMA weights).
+Draw images from a trained model (its EMA weights): a checkpoint of train.py, or one of the authors' released
+checkpoints (official.py converts it on the fly).
 
     python sample.py                                   # 36 samples from out/ckpt.pt -> out/samples.png
-    python sample.py --steps 100 --sampler ddim        # respaced: 100 ancestral or DDIM-style steps (default: all T)
+    python sample.py --steps 250 --sampler ddim        # respaced: 250 ancestral or DDIM-style steps (default 100)
     python sample.py --progression                     # x_t and x_hat across the scales: out/progression.png and .gif
     python sample.py --label 3 --cfg 2                 # class-conditional models: class 3, guidance scale 2
-    python sample.py --n 50000 --outdir samples --fid --metrics fid.json   # one PNG per sample, then their FID
-    torchrun --nproc_per_node=8 sample.py --num_samples 50000 --outdir samples   # the same files over 8 GPUs
+    python sample.py --n 2000 --outdir samples --fid --max_ref 6000   # one PNG per image, then their FID
+    torchrun --nproc_per_node=8 sample.py --n 50000 --outdir samples  # the same files over 8 GPUs
+    python sample.py --ckpt ssd_64res_celeba_4levels_ema_0.9999_1000000.pt --n 64   # a released model
 
 Image k is drawn from noise seeded by --seed + k alone (ssd.seeded_noise), so it is the same whatever the batch size
 or the number of GPUs; --seed 50000 draws a set disjoint from the 50,000 images of --seed 0.
@@ -23,49 +25,47 @@ from PIL import Image
 from tqdm import tqdm
 
 import fid
-import msf
+import methods
+import official
+from common import check_checkpoint, parse_bool, pick_device, read_checkpoint, run_script, setup_distributed
 from data import load_dataset, save_grid, to_uint8_images
-from ssd import network_denoiser, sample, sampling_steps, seeded_noise
-from train import DEFAULTS, build_model, build_scale_space, load_checkpoint, parse_bool, setup_distributed
+from ssd import sampling_steps, seeded_noise
 
 # -----------------------------------------------------------------------------
 # the model
 
 
-def load_model(ckpt_path, device="cpu", use_ema=True):
-    """(model, scale space, config) of a checkpoint written by train.py; the model is in eval mode on device."""
-    ckpt = load_checkpoint(ckpt_path)
-    weights = "ema" if use_ema else "model"
-    if not isinstance(ckpt, dict) or "config" not in ckpt or weights not in ckpt:
-        raise ValueError(f"{ckpt_path} is not a checkpoint written by train.py (it has no config or {weights} "
-                         f"weights)")
-    cfg = ckpt["config"]
-    model = build_model(cfg)
+def load_model(path, device="cpu", res=None, levels=None, dataset=None):
+    """(method, network with the EMA weights in eval mode on device, checkpoint) of a checkpoint of train.py, or of
+    one of the authors' files (res, levels and dataset then come from its name unless given)."""
+    ckpt = read_checkpoint(path)
+    if official.is_official(ckpt):
+        ckpt = official.official_checkpoint(ckpt, os.path.basename(path), res, levels, dataset)
+    method = methods.from_spec(check_checkpoint(ckpt, path)["spec"])
+    model = method.build_model()
     try:
-        model.load_state_dict(ckpt[weights])  # strict: every weight must fit, none may be left over
+        model.load_state_dict(ckpt["ema"])  # strict: every weight must fit, none may be left over
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:400].rstrip(".")
-        raise ValueError(f"the {weights} weights in {ckpt_path} do not fit the model its config describes "
-                         f"({cfg['model']} UNet, {cfg['res']} px, {cfg['levels']} levels): {detail}. Was it written by "
-                         f"another version of flexi_unet.py, or edited?") from None
-    return model.to(device).eval().requires_grad_(False), build_scale_space(cfg), cfg
+        raise ValueError(f"the EMA weights in {path} do not fit the network its spec describes ({method.name}): "
+                         f"{detail}. Was it written by another version of flexi_unet.py, or edited?") from None
+    return method, model.to(device).eval().requires_grad_(False), ckpt
 
 
-def class_labels(cfg, labels=None, cfg_scale=1.0):
+def class_labels(method, labels=None, cfg_scale=1.0):
     """The classes to cycle over (a CPU tensor), or None for an unconditional model.
 
     labels: class numbers, or None for all classes in turn (image k gets class k mod num_classes)."""
-    num_classes = cfg["num_classes"]
-    if not num_classes:
+    if not method.num_classes:
         if labels is not None or cfg_scale != 1.0:
             raise ValueError("--label and --cfg need a class-conditional checkpoint, and this one was trained "
                              "unconditionally; train one with --class_cond True on a labelled dataset")
         return None
-    classes = torch.arange(num_classes) if labels is None else torch.tensor(labels, dtype=torch.long)
-    bad = [int(c) for c in classes if not 0 <= c < num_classes]
+    classes = torch.arange(method.num_classes) if labels is None else torch.tensor(labels, dtype=torch.long)
+    bad = [int(c) for c in classes if not 0 <= c < method.num_classes]
     if bad:
-        raise ValueError(f"label {bad[0]} is out of range: the model has {num_classes} classes, numbered 0 to "
-                         f"{num_classes - 1}")
+        raise ValueError(f"label {bad[0]} is out of range: the model has {method.num_classes} classes, numbered 0 to "
+                         f"{method.num_classes - 1}")
     return classes
 
 
@@ -81,68 +81,35 @@ def parse_labels(text):
 # sampling
 
 
-def labels_for(index, classes, device):
-    """The labels of the images numbered `index` (CPU int64): image k gets classes[k mod len(classes)]."""
-    return classes[index % len(classes)].to(device) if classes is not None else None
-
-
-def denoiser_for(net, ss, cfg, index, classes, cfg_scale):
-    """The denoiser for the images numbered `index`."""
-    y = labels_for(index, classes, next(net.parameters()).device)
-    return network_denoiser(net, ss, y, cfg_scale, cfg["parameterisation"])
-
-
-def draw(net, ss, cfg, index, seed=0, steps=None, method="ancestral", classes=None, cfg_scale=1.0, record=()):
-    """ssd.sample (or msf.sample) for the images numbered `index`: image k's noise is seeded by seed + k alone."""
+def draw(method, net, index, seed=0, steps=None, sampler="ancestral", classes=None, cfg_scale=1.0, record=()):
+    """The images numbered `index` (CPU int64): image k's noise is seeded by seed + k alone, its label is
+    classes[k mod len(classes)]."""
     device = next(net.parameters()).device
-    noise = seeded_noise((seed + index).to(device))
-    if cfg["method"] == "msf":
-        if record:
-            raise ValueError("--progression shows the states of one scale-space chain; an MSF checkpoint samples "
-                             "two separate chains: draw a grid or --outdir instead")
-        ss_base = msf.scale_spaces(cfg["res"], cfg["msf_factor"], cfg["T"], cfg["noise"])[0]
-        return msf.sample(net, ss_base, ss, len(index), cfg["channels"], steps, method, noise,
-                          labels_for(index, classes, device), cfg_scale)
-    denoise = denoiser_for(net, ss, cfg, index, classes, cfg_scale)
-    return sample(denoise, ss, len(index), cfg["channels"], steps, method, noise, record)
+    y = classes[index % len(classes)].to(device) if classes is not None else None
+    return method.sample(net, len(index), method.channels, steps, sampler, seeded_noise((seed + index).to(device)),
+                         y, cfg_scale, record)
 
 
-def generate_batches(net, ss, cfg, first, stop, seed=0, steps=None, method="ancestral", batch_size=128,
+def generate_batches(method, net, first, stop, seed=0, steps=None, sampler="ancestral", batch_size=128,
                      labels=None, cfg_scale=1.0):
     """Yield (first index, images in [-1, 1] NCHW on the CPU) for the images numbered first .. stop-1.
 
     Every batch has batch_size images, the last one filled up with the following numbers and trimmed, so that a
     compiled network sees one input shape per path and never recompiles.
     """
-    classes = class_labels(cfg, labels, cfg_scale)
+    classes = class_labels(method, labels, cfg_scale)
     with torch.inference_mode():
         for start in range(first, stop, batch_size):
-            x = draw(net, ss, cfg, torch.arange(start, start + batch_size), seed, steps, method, classes, cfg_scale)
+            x = draw(method, net, torch.arange(start, start + batch_size), seed, steps, sampler, classes, cfg_scale)
             yield start, x[:stop - start].cpu()
 
 
-def generate(net, ss, cfg, n, seed=0, steps=None, method="ancestral", batch_size=128, labels=None,
-             cfg_scale=1.0, first_index=0):
+def generate(method, net, n, seed=0, steps=None, sampler="ancestral", batch_size=128, labels=None, cfg_scale=1.0,
+             first_index=0):
     """Images first_index .. first_index+n-1 as one float tensor in [-1, 1], NCHW, on the CPU."""
-    batches = generate_batches(net, ss, cfg, first_index, first_index + n, seed, steps, method, min(batch_size, n),
+    batches = generate_batches(method, net, first_index, first_index + n, seed, steps, sampler, min(batch_size, n),
                                labels, cfg_scale)
     return torch.cat([x for _, x in batches])
-
-
-def warm_up(net, ss, cfg, steps, batch_size, labels=None, cfg_scale=1.0):
-    """Run the network once on every resolution path the sampler takes, so that compilation is not timed."""
-    classes = class_labels(cfg, labels, cfg_scale)
-    if cfg["method"] == "msf":  # two steps of each stage run both networks
-        with torch.inference_mode():
-            draw(net, ss, cfg, torch.arange(batch_size), steps=2, classes=classes, cfg_scale=cfg_scale)
-        return 2
-    denoise = denoiser_for(net, ss, cfg, torch.arange(batch_size), classes, cfg_scale)
-    device = next(net.parameters()).device
-    paths = {(ss.res(t), ss.target_level(t)): t for t in sampling_steps(ss, steps)}  # one step per path
-    with torch.inference_mode():
-        for t in paths.values():
-            denoise(torch.zeros(batch_size, cfg["channels"], ss.res(t), ss.res(t), device=device), t)
-    return len(paths)
 
 
 # -----------------------------------------------------------------------------
@@ -165,7 +132,7 @@ def progression_steps(ss, steps, frames):
     return sorted({kept[i] for i in spread.tolist()} | set(ss.transitions), reverse=True)
 
 
-def save_progression(net, ss, cfg, png_path, gif_path, n=4, seed=0, steps=None, method="ancestral", frames=10,
+def save_progression(method, net, png_path, gif_path, n=4, seed=0, steps=None, sampler="ancestral", frames=10,
                      labels=None, cfg_scale=1.0):
     """The paper's figure of sampling across scales, for images 0 .. n-1.
 
@@ -173,11 +140,11 @@ def save_progression(net, ss, cfg, png_path, gif_path, n=4, seed=0, steps=None, 
     GIF: one frame per step, x_t | x_hat side by side for each image. Every state is enlarged to full resolution
     with nearest-neighbour, so its pixel size shows the scale it lives at. Returns the steps shown.
     """
-    shown = progression_steps(ss, steps, frames)
-    classes = class_labels(cfg, labels, cfg_scale)
+    shown = progression_steps(method.ss, steps, frames)
+    classes = class_labels(method, labels, cfg_scale)
     with torch.inference_mode():
-        _, record = draw(net, ss, cfg, torch.arange(n), seed, steps, method, classes, cfg_scale, record=shown)
-    full = ss.sizes[0]
+        _, record = draw(method, net, torch.arange(n), seed, steps, sampler, classes, cfg_scale, record=shown)
+    full = method.ss.sizes[0]
     enlarge = lambda x: F.interpolate(x.clamp(-1, 1), size=(full, full), mode="nearest")  # x_t spills past [-1, 1]
     x_t = torch.stack([enlarge(x) for _, x, _ in record], dim=1)  # (n, frames, C, H, W)
     x_hat = torch.stack([enlarge(x) for _, _, x in record], dim=1)
@@ -196,10 +163,10 @@ def column_image(x):
     return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
 
 
-def write_samples(net, ss, cfg, args, labels, batch_size, first, stop, show_bar):
+def write_samples(method, net, args, labels, batch_size, first, stop, show_bar):
     """Write images first .. stop-1 to args.outdir as 000123.png files."""
     os.makedirs(args.outdir, exist_ok=True)
-    batches = generate_batches(net, ss, cfg, first, stop, args.seed, args.steps, args.sampler, batch_size, labels,
+    batches = generate_batches(method, net, first, stop, args.seed, args.steps, args.sampler, batch_size, labels,
                                args.cfg)
     with tqdm(total=stop - first, unit="img", desc="sampling", disable=not show_bar, dynamic_ncols=True) as bar:
         for start, x in batches:
@@ -208,26 +175,19 @@ def write_samples(net, ss, cfg, args, labels, batch_size, first, stop, show_bar)
             bar.update(len(x))
 
 
-def fid_of_samples(args, n, extractor, data):
-    """FID of the files 000000.png .. of args.outdir (only these: the folder may hold more) against the data."""
-    files = [sample_path(args.outdir, k) for k in range(n)]
-    return fid.fid_against_dataset(fid.load_image_batches(files, 200), data, extractor, args.cache_dir,
-                                   max_ref=args.max_ref)
-
-
 # -----------------------------------------------------------------------------
 # command line
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=os.path.join(DEFAULTS["out_dir"], "ckpt.pt"), help="checkpoint from train.py")
+    p.add_argument("--ckpt", default=os.path.join("out", "ckpt.pt"), help="checkpoint of train.py, or a released one")
     p.add_argument("--n", "--num_samples", dest="n", type=int,  # torchrun reads --n as its own (ambiguous) option
-                   help="images (default: 36 for a grid, 4 for --progression, 50000 for --outdir)")
+                   help="images (default: 36 for a grid, 4 for --progression; --outdir: 50000 on a GPU, 1000 on CPU)")
     p.add_argument("--batch_size", type=int, default=128, help="images per forward pass on one device")
     p.add_argument("--seed", type=int, default=0, help="image k uses noise seed seed + k")
     p.add_argument("--sampler", choices=("ancestral", "ddim"), default="ancestral")
-    p.add_argument("--steps", type=int, help="respaced sampling steps (default: all T)")
+    p.add_argument("--steps", type=int, default=100, help="respaced sampling steps (the paper samples with all 1000)")
     p.add_argument("--label", help="class-conditional models: a class or a comma list, cycled over the images "
                                    "(default: every class in turn)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = no guidance)")
@@ -241,86 +201,109 @@ def parse_args(argv=None):
                                        "made by fid.py --convert / --make_fp16")
     p.add_argument("--max_ref", type=int, help="use only the first N training images as the FID reference")
     p.add_argument("--cache_dir", default="cache", help="where FID reference statistics are cached")
-    p.add_argument("--metrics", help="with --fid: write FID, n, steps, sampler, seconds and images/s to this JSON")
-    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
-    p.add_argument("--compile", type=parse_bool, help="torch.compile the model (default: on CUDA)")
+    p.add_argument("--metrics", help="with --outdir: write n, steps, seconds, images/s (and the FID) to this JSON")
+    p.add_argument("--res", type=int, help="a released checkpoint under another name: its resolution")
+    p.add_argument("--levels", type=int, help="a released checkpoint under another name: its levels")
+    p.add_argument("--dataset", help="a released checkpoint under another name: celeba or imagenet")
+    p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
+    p.add_argument("--compile", type=parse_bool, help="torch.compile the network (default: on CUDA)")
     args = p.parse_args(argv)
-    if args.fid and not args.outdir:
-        p.error("--fid scores the files that --outdir writes: add --outdir DIR")
-    if args.metrics and not args.outdir:
-        p.error("--metrics records the speed (and with --fid the FID) of an --outdir run: add --outdir DIR")
+    check_args(p, args)
     return args
+
+
+def check_args(parser, args):
+    """Refuse what cannot work before any checkpoint is read or image drawn, naming the flag."""
+    if args.fid and not args.outdir:
+        parser.error("--fid scores the files that --outdir writes: add --outdir DIR")
+    if args.metrics and not args.outdir:
+        parser.error("--metrics records the speed (and with --fid the FID) of an --outdir run: add --outdir DIR")
+    for flag, value, low in (("--n", args.n, 1), ("--batch_size", args.batch_size, 1), ("--steps", args.steps, 1),
+                             ("--frames", args.frames, 2), ("--max_ref", args.max_ref, 2)):
+        if value is not None and value < low:
+            parser.error(f"{flag} {value}: must be at least {low}")
+    for flag, path in (("--out", args.out), ("--metrics", args.metrics)):
+        folder = os.path.dirname(path) if path else ""
+        if folder and not os.path.isdir(folder):
+            parser.error(f"{flag} {path}: the folder {folder} does not exist; create it first")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    try:
-        if args.outdir:
-            write_and_score(args, device)
-        elif int(os.environ.get("RANK", 0)) == 0:  # a grid or a strip is one picture: under torchrun rank 0 draws it
-            draw_picture(args, device)
-    except (FileNotFoundError, ValueError) as e:  # the user's input: the message says what to do, no traceback
-        raise SystemExit(f"error: {e}") from None
+    device = pick_device(args.device)
+    if args.outdir:
+        write_and_score(args, device)
+    elif int(os.environ.get("RANK", 0)) == 0:  # a grid or a strip is one picture: under torchrun rank 0 draws it
+        draw_picture(args, device)
 
 
-def prepare(args, device, n, batch_size, verbose=True):
-    """(network, scale space, config, labels): the network compiled and warmed up on every resolution path at
-    batch_size if asked."""
-    model, ss, cfg = load_model(args.ckpt, device)
+def prepare(args, device, batch_size, verbose=True):
+    """(method, network, labels, checkpoint): the network compiled and warmed up on every path at batch_size, on
+    CUDA or when asked."""
+    if not os.path.exists(args.ckpt):
+        raise FileNotFoundError(f"no checkpoint at {args.ckpt}: train one with `python train.py --out_dir "
+                                f"{os.path.dirname(args.ckpt) or '.'}`, or pass --ckpt PATH")
+    method, net, ckpt = load_model(args.ckpt, device, args.res, args.levels, args.dataset)
+    if args.steps > method.ss.T:
+        raise ValueError(f"--steps {args.steps}: the model has T = {method.ss.T} steps; give at most {method.ss.T}")
     labels = parse_labels(args.label) if args.label else None
-    class_labels(cfg, labels, args.cfg)  # a wrong label fails now, not after compiling
-    if n < 1 or args.batch_size < 1:
-        raise ValueError(f"--n and --batch_size must be positive, got {n} and {args.batch_size}")
-    use_compile = device.type == "cuda" if args.compile is None else args.compile
-    if not use_compile:
-        return model, ss, cfg, labels
-    net = model.compile_blocks()  # regional compilation: every resolution path reuses the compiled blocks
-    start = time.time()
-    paths = warm_up(net, ss, cfg, args.steps, batch_size, labels, args.cfg)
-    if verbose:
-        print(f"compiled {paths} resolution paths in {time.time() - start:.0f} s")
-    return net, ss, cfg, labels
+    classes = class_labels(method, labels, args.cfg)  # a wrong label fails now, not after compiling
+    if device.type == "cuda" if args.compile is None else args.compile:
+        net.compile_blocks()  # regional compilation: every resolution path reuses the compiled blocks
+        start = time.time()
+        y = None if classes is None else classes[torch.arange(batch_size) % len(classes)].to(device)
+        with torch.inference_mode():
+            paths = method.warm_up(net, batch_size, method.channels, y, args.cfg)
+        if verbose:
+            print(f"compiled {paths} paths in {time.time() - start:.0f} s")
+    return method, net, labels, ckpt
 
 
 def draw_picture(args, device):
     """A grid of samples (--out), or with --progression the strip and GIF of x_t and x_hat across the scales."""
     n = args.n or (4 if args.progression else 36)
-    net, ss, cfg, labels = prepare(args, device, n, min(args.batch_size, n))
+    method, net, labels, _ = prepare(args, device, min(args.batch_size, n))
     folder = os.path.dirname(args.ckpt)
+    print(f"drawing {n} images with {len(sampling_steps(method.ss, args.steps))} {args.sampler} steps on {device}")
     start = time.time()
     if args.progression:
         out = args.out or os.path.join(folder, "progression.png")
         gif = os.path.splitext(out)[0] + ".gif"
-        shown = save_progression(net, ss, cfg, out, gif, n, args.seed, args.steps, args.sampler, args.frames,
-                                 labels, args.cfg)
+        shown = save_progression(method, net, out, gif, n, args.seed, args.steps, args.sampler, args.frames, labels,
+                                 args.cfg)
         print(f"saved {out} and {gif}: steps {shown}")
     else:
         out = args.out or os.path.join(folder, "samples.png")
-        save_grid(generate(net, ss, cfg, n, args.seed, args.steps, args.sampler, args.batch_size, labels, args.cfg),
+        save_grid(generate(method, net, n, args.seed, args.steps, args.sampler, args.batch_size, labels, args.cfg),
                   out)
         print(f"saved {out}")
-    report_speed(args, ss, n, elapsed(start, device, 1), 1, device)
+    report_speed(args, method, n, elapsed(start, device, 1), 1, device)
 
 
 def write_and_score(args, device):
     """One PNG per image in --outdir, each rank writing a contiguous share; then, on rank 0, the FID if asked."""
     rank, world, device = setup_distributed(device)
     try:
-        n = args.n or 50_000
+        n = args.n or (50_000 if device.type == "cuda" else 1_000)
         batch_size = min(args.batch_size, -(-n // world))  # no rank pads its share beyond one batch
-        net, ss, cfg, labels = prepare(args, device, n, batch_size, verbose=rank == 0)
+        method, net, labels, ckpt = prepare(args, device, batch_size, verbose=rank == 0)
         if args.fid and rank == 0:  # before sampling for an hour: missing weights or data fail now
             extractor = fid.load_inception(args.inception, device)
-            data = load_dataset(cfg["dataset"], cfg["res"], args.data_dir or cfg["data_dir"], cfg["cache_dir"])
+            cfg = ckpt["config"]  # where the model's training data is
+            data = load_dataset(cfg["dataset"], cfg["res"], args.data_dir or cfg.get("data_dir"), cfg.get("cache_dir"))
+        if rank == 0:
+            print(f"drawing {n:,} images with {len(sampling_steps(method.ss, args.steps))} {args.sampler} steps "
+                  f"into {args.outdir} on {world} x {device.type}")
         start = time.time()
-        write_samples(net, ss, cfg, args, labels, batch_size, rank * n // world, (rank + 1) * n // world,
+        write_samples(method, net, args, labels, batch_size, rank * n // world, (rank + 1) * n // world,
                       show_bar=rank == 0)
         seconds = elapsed(start, device, world)
         if rank == 0:
-            metrics = report_speed(args, ss, n, seconds, world, device)
+            metrics = report_speed(args, method, n, seconds, world, device)
             if args.fid:
-                metrics["fid"], metrics["n"], metrics["n_ref"] = fid_of_samples(args, n, extractor, data)
+                files = [sample_path(args.outdir, k) for k in range(n)]  # only these: the folder may hold more
+                metrics["fid"], metrics["n"], metrics["n_ref"] = fid.fid_against_dataset(
+                    fid.load_image_batches(files, 200), data, extractor, args.cache_dir, max_ref=args.max_ref)
                 print(f"FID {metrics['fid']:.4f} ({metrics['n']} samples in {args.outdir} vs {metrics['n_ref']} "
                       f"images of {data.key})")
             if args.metrics:
@@ -341,9 +324,9 @@ def elapsed(start, device, world):
     return float(seconds)
 
 
-def report_speed(args, ss, n, seconds, world, device):
+def report_speed(args, method, n, seconds, world, device):
     """Print the sampling time and throughput; return them as a dict for the metrics file."""
-    steps = len(sampling_steps(ss, args.steps))
+    steps = len(sampling_steps(method.ss, args.steps))
     print(f"sampled {n} images with {steps} {args.sampler} steps in {seconds:.1f} s ({n / seconds:.2f} images/s) "
           f"on {world} x {device.type}")
     return dict(n=n, steps=steps, sampler=args.sampler, cfg_scale=args.cfg, seed=args.seed, seconds=seconds,
@@ -351,4 +334,4 @@ def report_speed(args, ss, n, seconds, world, device):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -2,7 +2,7 @@
 Scale Space Diffusion: the training loss and the samplers, for any denoiser.
 
 A denoiser here is a function denoise(x_t, t) -> x_hat that takes x_t at r(t) and a python int step t, and returns
-the clean prediction at the *next* resolution r(t-1) (full resolution at t = 0): x_hat ~ R_{1:t-1} x_0 (SPEC 2).
+the clean prediction at the *next* resolution r(t-1) (full resolution at t = 0): x_hat ~ R_{1:t-1} x_0 (METHOD.md §3).
 `network_denoiser` turns a Flexi-UNet into one; the tests drive the samplers with the ideal denoiser of Gaussian data.
 """
 import math
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 
 def batch_steps(ss, batch_size, shared_gen, local_gen, transition_share=None):
-    """The steps of one batch (SPEC 2): every forward pass has one (input, output) resolution pair.
+    """The steps of one batch (METHOD.md §3): every forward pass has one (input, output) resolution pair.
 
     A resolution-changing step takes the whole batch; otherwise the batch draws its steps uniformly among the
     non-changing steps of one level. The paper draws one t uniformly over all T steps to decide, so each of the
@@ -44,7 +44,7 @@ def inner_steps(ss):
 def training_example(ss, x0, t, parameterisation="x0", min_snr=5.0, noise=None):
     """Network input, regression target and Min-SNR loss weight for clean images x0 at steps t (CPU tensor).
 
-    x0-prediction: target R_{1:t-1} x0 at r(t-1), weight min(SNR_t, gamma) (SPEC 2).
+    x0-prediction: target R_{1:t-1} x0 at r(t-1), weight min(SNR_t, gamma) (METHOD.md §3).
     eps-prediction (the DDPM-eps baseline, one level only): target eps, weight min(SNR_t, gamma) / SNR_t, the same
     loss expressed in eps (Hang et al., Min-SNR). Computed in float32 outside autocast: the forward process is exact.
     """
@@ -118,7 +118,7 @@ def generator_noise(generator=None, device="cpu"):
 
 
 def sampling_steps(ss, steps=None):
-    """The steps a sampler visits, descending from T-1 to 0 (SPEC 2, respacing).
+    """The steps a sampler visits, descending from T-1 to 0 (METHOD.md §4, respacing).
 
     steps = None visits all T. Otherwise `steps` are spread over the levels in proportion to their length, evenly
     inside each level, and the first step of every level (each resolution-changing step) is always kept: the network
@@ -148,7 +148,7 @@ def sampling_steps(ss, steps=None):
 
 
 def ddim_step(ss, x_t, x0_hat, t, s, xi):
-    """A deterministic DDIM-style step x_t -> x_s (SPEC 2, beyond the paper).
+    """A deterministic DDIM-style step x_t -> x_s (METHOD.md §4, beyond the paper).
 
     Derivation. Write x_t = c R mu_s + sigma_t eps_t with mu_s = a_s R_{1:s} x_0, c = sqrt(abar_t / abar_s), eps_t
     ~ N(0, I) at r(t). DDIM keeps the noise and moves the signal: x_s = mu_s + sigma_s eps_s, with eps_s built from
@@ -176,7 +176,7 @@ def ddim_step(ss, x_t, x0_hat, t, s, xi):
 def sample(denoise, ss, n, channels, steps=None, method="ancestral", noise=None, record=()):
     """Draw n images at full resolution.
 
-    method: "ancestral" (exact posterior steps, SPEC 2; all T steps, or `steps` respaced ones) or "ddim".
+    method: "ancestral" (exact posterior steps, METHOD.md §2; all T steps, or `steps` respaced ones) or "ddim".
     noise(key, shape) gives unit Gaussian noise (keys: T for the start, t for the step leaving t); default torch.randn.
     record: steps at which to keep (t, x_t, x_hat) on the CPU, for progression figures.
     Returns the images, or (images, progression) when record is given.
@@ -200,7 +200,7 @@ def sample(denoise, ss, n, channels, steps=None, method="ancestral", noise=None,
 
 
 def network_denoiser(net, ss, y=None, cfg_scale=1.0, parameterisation="x0", clip=True):
-    """Wrap a network net(x, t, out_res, y) as a denoiser: bf16 autocast on CUDA, clamp to [-1, 1] (SPEC 2).
+    """Wrap a network net(x, t, out_res, y) as a denoiser: bf16 autocast on CUDA, clamp to [-1, 1] (METHOD.md §4).
 
     Classifier-free guidance (cfg_scale != 1 with labels y): x_hat = u + w (c - u), u from the null label (y = None).
     eps-prediction (one level) is turned into x_hat = (x_t - sigma_t eps) / a_t.

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from degrade import (ScaleSpace, Separable, box_matrix, downsample_operator, gaussian_matrix, information_proxy,
+from degrade import (ScaleSpace, Separable, box_matrix, downsample_operator, information_proxy,
                      level_transitions, make_alphas_cumprod, resize_matrix)
 
 torch.manual_seed(0)
@@ -28,7 +28,7 @@ def test_resize_matches_interpolate(n_in, n_out):
 def test_bilinear_2x_taps():
     m = resize_matrix(16, 8)
     assert torch.allclose(m[3, 4:10], torch.tensor([0, 1 / 8, 3 / 8, 3 / 8, 1 / 8, 0], dtype=torch.float64))
-    # SPEC 1: lambda_max(R R^T) of the 2-D operator is about 0.25, so the transition covariance stays PSD.
+    # METHOD.md §1: lambda_max(R R^T) of the 2-D operator is about 0.25, so the transition covariance stays PSD.
     lam = torch.linalg.eigvalsh(m @ m.T).max() ** 2
     assert 0.2 < lam <= 0.3
 
@@ -43,21 +43,9 @@ def test_rectangular_operator_and_box():
     box4 = downsample_operator(16, 4, "box")
     y = rand_images(2, 16)
     assert torch.allclose(box4(y), F.avg_pool2d(y, 4), atol=1e-12)
-    # SPEC 1: for box, R R^T = I/4 exactly.
+    # METHOD.md §1: for box, R R^T = I/4 exactly.
     d = downsample_operator(8, 4, "box").dense()
     assert torch.allclose(d @ d.T, torch.eye(16, dtype=torch.float64) / 4)
-
-
-def test_gaussian_blur_matches_conv():
-    sigma, n = 1.3, 11
-    g = gaussian_matrix(n, sigma)
-    radius = math.ceil(3 * sigma)
-    k1 = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2)
-    k1 = k1 / k1.sum()
-    kernel = (k1[:, None] * k1[None, :]).expand(3, 1, -1, -1)
-    x = rand_images(2, n)
-    ref = F.conv2d(x, kernel, padding=radius, groups=3)
-    assert torch.allclose(Separable(g, g)(x), ref, atol=1e-12)
 
 
 def test_identity_adjoint_composition_dense():
@@ -80,18 +68,18 @@ def test_row_space_isometry():
 
 # --- schedules ---------------------------------------------------------------
 
-SPEC_TRANSITIONS = {2: [750], 3: [555, 889], 4: [438, 750, 937], 5: [360, 640, 840, 960],
+PAPER_TRANSITIONS = {2: [750], 3: [555, 889], 4: [438, 750, 937], 5: [360, 640, 840, 960],
                     6: [306, 555, 750, 889, 972]}
 
 
 @pytest.mark.parametrize("levels", [2, 3, 4, 5, 6])
 def test_convex_transitions_equal_spec_table(levels):
-    assert level_transitions(levels) == SPEC_TRANSITIONS[levels]
+    assert level_transitions(levels) == PAPER_TRANSITIONS[levels]
 
 
 def test_other_schedules():
     assert level_transitions(4, schedule="equal") == [250, 500, 750]
-    assert level_transitions(4, schedule="info") == [344, 606, 800]  # SPEC 4 crossings of 1/4, 1/16, 1/64
+    assert level_transitions(4, schedule="info") == [344, 606, 800]  # paper Sec. 3.2: crossings of 1/4, 1/16, 1/64
     for name in ("sigmoid", "tanh"):
         steps = level_transitions(4, schedule=name)
         assert len(steps) == 3 and steps == sorted(steps)
@@ -158,7 +146,7 @@ def dense_posterior(ss, x0, xt, t, s):
     eye_t, eye_s = torch.eye(Rd.shape[0], dtype=torch.float64), torch.eye(Rd.shape[1], dtype=torch.float64)
     prior_mean = float(ss.a[s]) * ss.cumulative[ss.level_of(s)].dense() @ x0.flatten()
     prior_var = float(ss.sigma[s]) ** 2
-    lik_cov = float(ss.sigma[t]) ** 2 * eye_t - prior_var * c * c * Rd @ Rd.T  # SPEC 1 transition covariance
+    lik_cov = float(ss.sigma[t]) ** 2 * eye_t - prior_var * c * c * Rd @ Rd.T  # METHOD.md §1 transition covariance
     precision = eye_s / prior_var + c * c * Rd.T @ torch.linalg.solve(lik_cov, Rd)
     cov = torch.linalg.inv(precision)
     mean = cov @ (prior_mean / prior_var + c * Rd.T @ torch.linalg.solve(lik_cov, xt.flatten()))
@@ -186,7 +174,7 @@ def test_posterior_matches_dense_bayes(op, t, s):
 
 
 def test_box_posterior_noise_closed_form():
-    """SPEC 2: for box the covariance square root is (I - P) + sqrt(1 - rho c^2 / 4) P, P the block-mean projector."""
+    """METHOD.md §2: for box the covariance square root is (I - P) + sqrt(1 - rho c^2 / 4) P, P the block-mean projector."""
     ss = ScaleSpace(8, 2, op="box")
     t = ss.transitions[0]
     c, rho, R = ss.pair(t, t - 1)
@@ -219,7 +207,7 @@ def isotropic_noise(ss, xi, t, s):
 
 @pytest.mark.parametrize("t", [438, 300, 750])
 def test_posterior_step_keeps_the_marginal(t):
-    """x_t ~ q(x_t|x_0), then a posterior step with the exact x_hat = R_{1:s} x_0 gives x_s ~ q(x_s|x_0) (SPEC 2)."""
+    """x_t ~ q(x_t|x_0), then a posterior step with the exact x_hat = R_{1:s} x_0 gives x_s ~ q(x_s|x_0) (METHOD.md §2)."""
     ss = ScaleSpace(8, 4)
     s, n = t - 1, 50000
     gen = torch.Generator().manual_seed(t)

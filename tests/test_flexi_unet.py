@@ -29,7 +29,7 @@ def names(prefix, indices):
 
 # tiny_config(16, 3) has one res block per level, so encoder = [L0 block, down, L1 block, down, L2 block] and
 # decoder = [L2 block, L2 block + upsample, L1 block, L1 block + upsample, L0 block, L0 block on the stem skip].
-# Which of them each path runs, written out from SPEC 3:
+# Which of them each path runs, written out from the paper's routing (Sec. 4.3):
 TINY_PATHS = {
     (16, 16): names("encoder", range(5)) | names("decoder", range(5)) | {"in_adapters.0", "out_adapters.0"},
     (8, 8): names("encoder", range(2, 5)) | names("decoder", range(3)) | {"in_adapters.1", "out_adapters.1"},
@@ -242,7 +242,7 @@ def test_gflops_equal_a_count_by_hand():
 
 
 def test_average_gflops_follows_the_schedule():
-    # SPEC 1, 3 levels: transitions at t = 555 and 889; t = 0 outputs the full resolution.
+    # METHOD.md §1, 3 levels: transitions at t = 555 and 889; t = 0 outputs the full resolution.
     model = UNet(tiny_config(16, 3))
     steps = {(16, 16): 555, (8, 16): 1, (8, 8): 333, (4, 8): 1, (4, 4): 110}
     expected = sum(n * path_gflops(model, *path) for path, n in steps.items()) / 1000
@@ -250,7 +250,7 @@ def test_average_gflops_follows_the_schedule():
 
 
 def test_paper_model_size_and_compute_at_64px():
-    # SPEC 3: 92.26M parameters for the 4-level model; 56.71 GFLOPs for the full-resolution path (the 1L figure).
+    # The authors' model (paper Table 2): 92.26M parameters for the 4-level model; 56.71 GFLOPs for the full-resolution path (the 1L figure).
     with torch.device("meta"):
         model = UNet(paper_config(64, 4))
     assert parameter_count(model) / 1e6 == pytest.approx(92.26, abs=0.01)

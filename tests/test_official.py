@@ -6,12 +6,14 @@ With SSD_OFFICIAL_REPO set to a folder with their source: every released configu
 weights, against their model and sampler (about 5 minutes on one CPU core; -s prints the measured differences).
 """
 import argparse
+import dataclasses
 import functools
 import os
 
 import pytest
 import torch
 
+import methods
 import official
 from degrade import ScaleSpace
 from flexi_unet import UNet
@@ -35,9 +37,21 @@ def unconditional(sd):
     return {k: v for k, v in sd.items() if k != "label_emb.weight"}
 
 
-def our_model(sd, config, cls=UNet):
-    model = cls(config)
+def our_model(sd, config):
+    model = UNet(config)
     model.load_state_dict(official.convert_state_dict(sd, config))
+    return model.eval()
+
+
+def their_routing(config):
+    """A config routed as their sampler routes the step into full resolution."""
+    return dataclasses.replace(config, upsample_into_full=True)
+
+
+def checkpoint_model(ckpt):
+    """The network of a converted checkpoint, its EMA weights loaded, as sample.py builds it."""
+    model = methods.from_spec(ckpt["spec"]).build_model()
+    model.load_state_dict(ckpt["ema"])
     return model.eval()
 
 
@@ -75,7 +89,7 @@ def test_their_sampler_steps_match_ours():
     """Their p_mean_variance at every resolution change and inside every level: the prediction (with their
     routing of the step into full resolution) and the posterior mean of the same x_t and prediction."""
     fx = fixture()
-    net = our_model(unconditional(their_weights(fx)), tiny_unet_config(), official.OfficialUNet)
+    net = our_model(unconditional(their_weights(fx)), their_routing(tiny_unet_config()))
     ss = ScaleSpace(TINY["image_size"], TINY["levels"])
     assert [ss.res(t) for t in range(ss.T)] == fx["resolution"].tolist()  # their level schedule is ours
     assert {int(t) for t in fx["sampler"]} >= set(ss.transitions)
@@ -88,8 +102,8 @@ def test_their_sampler_steps_match_ours():
 
 
 def test_the_zero_skip_route_into_full_resolution_is_not_their_sampler_s():
-    """At t = transitions[0] their sampler upsamples x_t and runs the full-resolution path: OfficialUNet does,
-    UNet (the zero-skip route, which their model also has) gives something else."""
+    """At t = transitions[0] their sampler upsamples x_t and runs the full-resolution path (upsample_into_full);
+    the zero-skip route, which their model also has, gives something else."""
     fx = fixture()
     sd = unconditional(their_weights(fx))
     ss = ScaleSpace(TINY["image_size"], TINY["levels"])
@@ -120,7 +134,7 @@ def test_released_names_and_configs():
         name = official.file_name(**m)
         assert official.parse_name(os.path.join("downloads", name)) == m
         assert official.is_released(m["dataset"], m["res"], m["levels"])
-        config = official.unet_config(m["res"], m["levels"], m["dataset"])
+        config = official.unet_config(m["res"], m["levels"])
         assert (config.res, config.levels, config.base_channels, config.num_res_blocks, config.num_heads,
                 config.norm_groups, config.attn_res) == (m["res"], m["levels"], 128, 2, 4, 32, (16, 8))
     assert official.file_name("celeba", 64, 4, 1_000_000) == "ssd_64res_celeba_4levels_ema_0.9999_1000000.pt"
@@ -170,7 +184,7 @@ def test_a_pickled_object_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not a state dict of tensors"):
         official.load_official(str(path))
     path.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="not a file written by torch.save"):
+    with pytest.raises(ValueError, match="not a checkpoint written by torch.save"):
         official.load_official(str(path))
 
 
@@ -192,19 +206,19 @@ def test_the_command_writes_a_checkpoint_that_reproduces_their_model(tmp_path, m
     src = tmp_path / "their_tiny_ema.pt"
     torch.save({"model": unconditional(their_weights(fx)), "step": 1234}, src)
     # The tiny model is no released configuration: stand its config in for the paper's.
-    monkeypatch.setattr(official, "unet_config", lambda res, levels, dataset, num_classes=0: tiny_unet_config())
+    monkeypatch.setattr(official, "unet_config", lambda res, levels, num_classes=0: their_routing(tiny_unet_config()))
     dst = tmp_path / "converted.pt"
     official.main([str(src), str(dst), "--res", "16", "--levels", "4", "--dataset", "celeba"])
     assert "16 px, 4 levels" in capsys.readouterr().out
     assert not os.path.exists(str(dst) + ".tmp")
 
     ckpt = torch.load(dst, weights_only=True)
-    assert (ckpt["format"], ckpt["method"], ckpt["step"], ckpt["source"]) == (1, "ssd", 1234, "their_tiny_ema.pt")
-    assert ckpt["scale_space"] == dict(res=16, levels=4, T=1000, schedule="convex", gamma=0.5, op="bilinear",
+    spec = ckpt["spec"]
+    assert (ckpt["format"], spec["method"], ckpt["step"], ckpt["source"]) == (1, "ssd", 1234, "their_tiny_ema.pt")
+    assert spec["scale_space"] == dict(res=16, levels=4, T=1000, schedule="convex", gamma=0.5, op="bilinear",
                                        noise="linear", transitions=None)
-    assert ckpt["last_transition"] == "upsample"
-    net = official.build_model(ckpt)
-    assert isinstance(net, official.OfficialUNet)
+    assert spec["unet"]["upsample_into_full"] and not spec["unet"]["qk_norm"]
+    net = checkpoint_model(ckpt)
     case = fx["paths"]["4->4"]
     with torch.no_grad():
         assert_close(net(case["x"], case["t"], 4), case["out"], "converted checkpoint, 4->4")
@@ -247,9 +261,11 @@ def test_released_configuration_matches_their_code(their_code, dataset, res, lev
     sd = with_distinct_shared_copies(theirs, seed=1)
     steps = 1_000_000 if res == 64 else 300_000
     ckpt = official.official_checkpoint({"model": sd, "step": steps}, official.file_name(dataset, res, levels, steps))
-    assert ckpt["unet"]["num_classes"] == (1000 if class_cond else 0)
-    net = official.build_model(ckpt)
-    ss = ScaleSpace(**ckpt["scale_space"])
+    assert ckpt["spec"]["unet"]["num_classes"] == (1000 if class_cond else 0)
+    net = checkpoint_model(ckpt)
+    plain = UNet(dataclasses.replace(net.config, upsample_into_full=False))  # the route their model takes given
+    plain.load_state_dict(net.state_dict())                                 # cond_rs
+    ss = ScaleSpace(**ckpt["spec"]["scale_space"])
     assert [ss.res(t) for t in range(ss.T)] == [diffusion.get_resolution(t) for t in range(ss.T)]
 
     g = torch.Generator().manual_seed(3)
@@ -258,7 +274,7 @@ def test_released_configuration_matches_their_code(their_code, dataset, res, lev
     with torch.no_grad():
         for r, out_res in paths(res, levels):
             x, t = torch.randn(1, 3, r, r, generator=g), torch.randint(0, 1000, (1,), generator=g)
-            ours = UNet.forward(net, x, t, out_res, y)  # the plain route, which their model takes given cond_rs
+            ours = plain(x, t, out_res, y)
             report.append((f"{r}->{out_res}", *assert_close(ours, their_forward(theirs, x, t, out_res, y),
                                                             f"{r}->{out_res}")))
         if levels > 1 and not class_cond:  # their sampler's own routing at the step into full resolution

@@ -60,15 +60,15 @@ def test_grid_has_one_cell_per_image(ckpt, tmp_path, capsys, sampler):
 
 
 def test_image_k_does_not_depend_on_the_batch(ckpt):
-    model, ss, cfg = sample.load_model(ckpt)
-    reference = sample.generate(model, ss, cfg, 8, seed=3, steps=int(STEPS), batch_size=8)
+    method, model, _ = sample.load_model(ckpt)
+    reference = sample.generate(method, model, 8, seed=3, steps=int(STEPS), batch_size=8)
     assert (reference[0] - reference[1]).abs().max() > 1e-2  # distinct noise gives distinct images
     for batch_size in (1, 3):
-        x = sample.generate(model, ss, cfg, 8, seed=3, steps=int(STEPS), batch_size=batch_size)
+        x = sample.generate(method, model, 8, seed=3, steps=int(STEPS), batch_size=batch_size)
         torch.testing.assert_close(x, reference, atol=1e-5, rtol=0)  # batched convolutions round differently
-    later = sample.generate(model, ss, cfg, 3, seed=3, steps=int(STEPS), batch_size=2, first_index=5)
+    later = sample.generate(method, model, 3, seed=3, steps=int(STEPS), batch_size=2, first_index=5)
     torch.testing.assert_close(later, reference[5:], atol=1e-5, rtol=0)
-    other_seed = sample.generate(model, ss, cfg, 1, seed=4, steps=int(STEPS))
+    other_seed = sample.generate(method, model, 1, seed=4, steps=int(STEPS))
     assert (other_seed[0] - reference[0]).abs().max() > 1e-2
 
 
@@ -79,10 +79,10 @@ def test_outdir_writes_one_png_per_image_named_by_index(ckpt, tmp_path):
     for name in os.listdir(out):
         with Image.open(out / name) as im:
             assert (im.format, im.size) == ("PNG", (RES, RES))
-    model, ss, cfg = sample.load_model(ckpt)
-    third = sample.generate(model, ss, cfg, 1, steps=int(STEPS), first_index=3)
+    method, model, _ = sample.load_model(ckpt)
+    third = sample.generate(method, model, 1, steps=int(STEPS), first_index=3)
     with Image.open(out / "000003.png") as im:
-        written = torch.tensor(list(im.getdata()), dtype=torch.float32).view(1, 1, RES, RES) / 127.5 - 1
+        written = torch.tensor(list(im.tobytes()), dtype=torch.float32).view(1, 1, RES, RES) / 127.5 - 1
     torch.testing.assert_close(written, third, atol=1.01 / 127.5, rtol=0)  # uint8 rounding
 
 
@@ -96,8 +96,9 @@ def test_progression_strip_and_gif(ckpt, tmp_path):
     with Image.open(out) as strip:  # a row of x_t and a row of x_hat per image, one column per frame
         assert strip.size == (frames * CELL + 2, 2 * 2 * CELL + 2)
 
-    model, ss, cfg = sample.load_model(ckpt)
-    shown = sample.save_progression(model, ss, cfg, str(out), str(tmp_path / "p.gif"), n=1, steps=20, frames=8)
+    method, model, _ = sample.load_model(ckpt)
+    shown = sample.save_progression(method, model, str(out), str(tmp_path / "p.gif"), n=1, steps=20, frames=8)
+    ss = method.ss
     assert shown[0] == ss.T - 1 and shown[-1] == 0 and set(ss.transitions) <= set(shown)
     assert shown == sorted(shown, reverse=True)
 
@@ -106,13 +107,13 @@ def test_class_conditional_labels_and_guidance(cond_ckpt, tmp_path):
     out = tmp_path / "grid.png"
     sample.main(["--ckpt", cond_ckpt, "--n", "4", "--steps", STEPS, "--label", "1,2", "--cfg", "2", "--out", str(out)])
     assert os.path.isfile(out)
-    with pytest.raises(SystemExit, match="out of range.*10 classes"):
+    with pytest.raises(ValueError, match="out of range.*10 classes"):
         sample.main(["--ckpt", cond_ckpt, "--label", "10", "--out", str(out)])
-    with pytest.raises(SystemExit, match="class number or a comma-separated list"):
+    with pytest.raises(ValueError, match="class number or a comma-separated list"):
         sample.main(["--ckpt", cond_ckpt, "--label", "cat", "--out", str(out)])
 
-    model, ss, cfg = sample.load_model(cond_ckpt)
-    make = lambda labels, scale=1.0: sample.generate(model, ss, cfg, 2, steps=int(STEPS), labels=labels,
+    method, model, _ = sample.load_model(cond_ckpt)
+    make = lambda labels, scale=1.0: sample.generate(method, model, 2, steps=int(STEPS), labels=labels,
                                                      cfg_scale=scale)
     cycled, threes, sevens = make([3, 7]), make([3]), make([7])
     torch.testing.assert_close(cycled[0], threes[0])  # image k gets labels[k mod len(labels)]
@@ -122,7 +123,7 @@ def test_class_conditional_labels_and_guidance(cond_ckpt, tmp_path):
 
 
 def test_labels_on_an_unconditional_model_fail_clearly(ckpt, tmp_path):
-    with pytest.raises(SystemExit, match="class-conditional checkpoint.*--class_cond True"):
+    with pytest.raises(ValueError, match="class-conditional checkpoint.*--class_cond True"):
         sample.main(["--ckpt", ckpt, "--label", "1", "--out", str(tmp_path / "grid.png")])
 
 
@@ -131,7 +132,7 @@ def test_weights_that_do_not_fit_the_config_fail_clearly(ckpt, tmp_path):
     state["ema"].pop(next(iter(state["ema"])))
     broken = tmp_path / "ckpt.pt"
     torch.save(state, broken)
-    with pytest.raises(ValueError, match="do not fit the model its config describes"):
+    with pytest.raises(ValueError, match="do not fit the network its spec describes"):
         sample.load_model(str(broken))
 
 
@@ -149,3 +150,41 @@ def test_fid_is_printed_and_recorded(ckpt, tmp_path, capsys, monkeypatch):
     assert (record["n"], record["n_ref"], record["steps"], record["sampler"]) == (6, 16, int(STEPS), "ancestral")
     assert record["images_per_s"] == pytest.approx(6 / record["seconds"])
     assert f"FID {record['fid']:.4f}" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# bad input: a one-line answer before any work
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n", "0"], "--n 0: must be at least 1"),
+    (["--n", "0", "--outdir", "x"], "--n 0: must be at least 1"),
+    (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+    (["--steps", "0"], "--steps 0: must be at least 1"),
+    (["--out", "no_such_folder/grid.png"], "the folder no_such_folder does not exist"),
+    (["--fid"], "--fid scores the files that --outdir writes"),
+])
+def test_bad_flags_are_refused_before_loading(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        sample.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_more_steps_than_the_model_has_are_refused(ckpt, tmp_path):
+    with pytest.raises(ValueError, match="--steps 5000: the model has T = 1000 steps"):
+        sample.main(["--ckpt", ckpt, "--steps", "5000", "--out", str(tmp_path / "grid.png")])
+
+
+def test_a_folder_or_a_corrupt_file_as_checkpoint_is_named(ckpt, tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder; pass the checkpoint file in it"):
+        sample.main(["--ckpt", os.path.dirname(ckpt)])
+    broken = tmp_path / "ckpt.pt"
+    broken.write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="not a checkpoint written by torch.save"):
+        sample.main(["--ckpt", str(broken)])
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path)], cwd=REPO, capture_output=True,
+                            text=True)
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr

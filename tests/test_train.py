@@ -2,6 +2,7 @@
 Tests of train.py on the tiny config (16 px, 2 levels, batch 8, CPU): outputs, learning, exact resume, DDP over two
 gloo processes, the command line, and the message of every bad input.
 """
+import errno
 import json
 import math
 import os
@@ -12,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import train
-from data import ImageData
-from ssd import training_example, weighted_mse
+from data import ImageData, get_batch, load_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--res", "16", "--levels", "2", "--batch_size", "8", "--sample_n", "4", "--sample_steps", "5"]
@@ -36,14 +37,21 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
 
 
-def tiny_config(out_dir, cache_dir, *args):
-    return train.parse_config(TINY + ["--out_dir", str(out_dir), "--cache_dir", cache_dir, *args])
+def tiny_argv(out_dir, cache_dir, *args):
+    return TINY + ["--out_dir", str(out_dir), "--cache_dir", cache_dir, *args]
 
 
 def fit(out_dir, cache_dir, *args):
     """Train the tiny config and return its checkpoint, read as a resumed run reads it."""
-    train.Trainer(tiny_config(out_dir, cache_dir, *args)).fit()
-    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+    train.main(tiny_argv(out_dir, cache_dir, *args))
+    return common.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+
+
+def tiny_run(tmp_path, cache_dir, *args):
+    """The tiny config's settings, data and training state, as train.main builds them."""
+    cfg = train.parse_config(tiny_argv(tmp_path, cache_dir, *args))
+    data = load_dataset(cfg["dataset"], cfg["res"], cfg["data_dir"], cfg["cache_dir"])
+    return cfg, data, train.build_run(cfg, data)
 
 
 def reject(constant):
@@ -89,18 +97,22 @@ def test_optional_wandb_logging(tmp_path, cache_dir, monkeypatch):
         fit(tmp_path / "b", cache_dir, "--max_steps", "1", "--wandb_project", "ssd-test")
 
 
-def test_help():
+def test_help_shows_every_setting_with_its_default_and_meaning():
     result = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "--max_steps" in result.stdout and "--resume" in result.stdout
+    text = " ".join(result.stdout.split())
+    for name, default, help_text in (entry for group in train.SETTINGS.values() for entry in group):
+        assert f"--{name}" in text and f"[default: {default}]" in text, name
+    assert "global batch over all GPUs (None: paper model 128, 64 at 256 px; tiny 64)" in text
 
 
 def test_tiny_run_writes_checkpoint_log_and_samples(tmp_path, cache_dir):
     ckpt = fit(tmp_path, cache_dir, "--max_steps", "3", "--log_every", "2", "--ckpt_every", "2")
 
-    assert {"model", "ema", "optimizer", "step", "images_seen", "config", "rng"} <= ckpt.keys()
+    assert {"format", "spec", "model", "ema", "optimizer", "step", "images_seen", "config", "rng"} <= ckpt.keys()
     assert ckpt["step"] == 3 and ckpt["images_seen"] == 24
-    assert type(ckpt["config"]) is dict and ckpt["config"]["levels"] == 2 and ckpt["config"]["transitions"] == [750]
+    assert ckpt["spec"]["method"] == "ssd" and ckpt["spec"]["scale_space"]["transitions"] == [750]
+    assert type(ckpt["config"]) is dict and ckpt["config"]["levels"] == 2
     assert all(type(v) in (str, int, float, bool, list, type(None)) for v in ckpt["config"].values())
     assert len(ckpt["rng"]) == 1 and set(ckpt["rng"][0]) == {"shared", "local", "noise", "default_cpu"}
     assert len(ckpt["optimizer"]["state"]) > 0
@@ -113,15 +125,11 @@ def test_tiny_run_writes_checkpoint_log_and_samples(tmp_path, cache_dir):
     assert [r["step"] for r in log] == [2, 3]  # every log_every steps, and at the end
     assert all(math.isfinite(r["loss"]) and r["loss_per_path"] for r in log)
     assert set().union(*(r["loss_per_path"] for r in log)) <= {"16->16", "8->8", "8->16"}
+    assert {"stem", "head", "encoder.0"} <= log[0]["grad_norm_per_block"].keys()  # the block monitor
+    assert log[0]["attn_logit_max_per_block"] and log[0]["update_ratio_per_block"]
 
     with Image.open(tmp_path / "samples_0000003.png") as grid:
         assert grid.mode == "L" and grid.size == (2 * 18 + 2, 2 * 18 + 2)  # 2 x 2 grayscale images, 2-px gaps
-
-
-def test_a_fresh_run_starts_a_new_log(tmp_path, cache_dir):
-    for _ in range(2):
-        fit(tmp_path, cache_dir, "--max_steps", "1", "--sample_every", "0")
-    assert [r["step"] for r in read_log(tmp_path)] == [1]
 
 
 def test_time_budget_stops_at_a_log_with_a_checkpoint(tmp_path, cache_dir):
@@ -140,33 +148,34 @@ def test_micro_batches_accumulate_the_same_gradient(tmp_path, cache_dir):
 
 def test_class_conditional_run(tmp_path, cache_dir):
     ckpt = fit(tmp_path, cache_dir, "--class_cond", "True", "--max_steps", "2", "--sample_every", "0")
-    assert ckpt["config"]["num_classes"] == 10
+    assert ckpt["spec"]["unet"]["num_classes"] == 10
     assert ckpt["model"]["label_embed.weight"].shape[0] == 11  # and the null label of classifier-free guidance
 
 
 @pytest.mark.parametrize("args, paths", [
     (["--transition_share", "1"], {"8->16"}),  # every batch on the resolution-changing step
-    (["--baseline", "eps"], {"16->16"}),  # DDPM-eps on the full UNet: one level
+    (["--method", "ddpm_eps", "--levels", "1"], {"16->16"}),  # DDPM-eps on the full UNet: one level
+    (["--qk_norm", "False", "--attention_fp32", "True"], {"16->16", "8->8", "8->16"}),  # the paper's attention
 ])
 def test_options_train(tmp_path, cache_dir, args, paths):
-    fit(tmp_path, cache_dir, "--max_steps", "2", "--log_every", "1", "--sample_every", "0", *args)
-    assert all(set(r["loss_per_path"]) == paths and math.isfinite(r["loss"]) for r in read_log(tmp_path))
-    assert all(set(r["grad_norm_per_path"]) == paths and all(0 < v < math.inf for v in r["grad_norm_per_path"].values())
-               for r in read_log(tmp_path))
+    fit(tmp_path, cache_dir, "--max_steps", "4", "--log_every", "1", "--sample_every", "0", *args)
+    log = read_log(tmp_path)
+    assert set().union(*(r["loss_per_path"] for r in log)) <= paths and all(math.isfinite(r["loss"]) for r in log)
+    assert all(0 < v < math.inf for r in log for v in r["grad_norm_per_path"].values())
 
 
 def test_msf_method_trains_and_resumes_exactly(tmp_path, cache_dir):
     """--method msf: both MSF networks train through the same loop, checkpoints and EMA as SSD."""
-    args = ("--method", "msf", "--log_every", "1", "--sample_every", "0")
+    args = ("--method", "msf", "--levels", "1", "--log_every", "1", "--sample_every", "0")
     straight = fit(tmp_path / "straight", cache_dir, "--max_steps", "3", *args)
     fit(tmp_path / "resumed", cache_dir, "--max_steps", "1", *args)
     resumed = fit(tmp_path / "resumed", cache_dir, "--max_steps", "3", "--resume", "True", *args)
     assert_same(straight["model"], resumed["model"], "model")
-    assert straight["config"]["method"] == "msf" and straight["config"]["levels"] == 1
+    assert straight["spec"]["method"] == "msf"
     assert {k.split(".")[0] for k in straight["model"]} == {"base", "residual"}
     assert straight["model"]["residual.stem.weight"].shape[1] == 2  # the noisy residual and the upsampled base
     assert all(set(r["loss_per_path"]) == {"msf"} and math.isfinite(r["loss"]) for r in read_log(tmp_path / "straight"))
-    with pytest.raises(ValueError, match="other configuration.*method"):
+    with pytest.raises(ValueError, match="other configuration.*method: checkpoint 'msf' vs now 'ssd'"):
         fit(tmp_path / "straight", cache_dir, "--max_steps", "4", "--resume", "True")  # an SSD run cannot resume it
 
 
@@ -174,8 +183,8 @@ def test_msf_method_trains_and_resumes_exactly(tmp_path, cache_dir):
 @pytest.mark.parametrize("method", ["ssd", "msf"])
 def test_cuda_graphs_train_as_eager_does(tmp_path, cache_dir, method):
     """Replaying recorded paths gives the weights of plain eager steps (same seed, same batches, both paths)."""
-    args = ("--max_steps", "6", "--sample_every", "0", "--compile", "False", "--method", method,
-            "--transition_share", "0.5", "--micro_batch", "4")
+    args = ("--max_steps", "6", "--sample_every", "0", "--compile", "False", "--method", method, "--levels",
+            "2" if method == "ssd" else "1", "--transition_share", "0.5", "--micro_batch", "4")
     eager = fit(tmp_path / "eager", cache_dir, "--cuda_graphs", "False", *args)
     graphed = fit(tmp_path / "graphed", cache_dir, "--cuda_graphs", "True", *args)
     for key, value in eager["model"].items():
@@ -185,45 +194,48 @@ def test_cuda_graphs_train_as_eager_does(tmp_path, cache_dir, method):
 
 
 def test_seed_sets_the_initial_weights(tmp_path, cache_dir):
-    first, again, other = (train.Trainer(tiny_config(tmp_path, cache_dir, "--seed", seed)) for seed in "001")
-    weights = [t.model.stem.weight for t in (first, again, other)]
+    first, again, other = (tiny_run(tmp_path, cache_dir, "--seed", seed)[2] for seed in "001")
+    weights = [run.model.stem.weight for run in (first, again, other)]
     assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
     assert torch.equal(first.ema.stem.weight, weights[0]) and not first.ema.training  # sampling runs no dropout
 
 
 def test_loss_decreases_on_a_fixed_batch(tmp_path, cache_dir):
-    trainer = train.Trainer(tiny_config(tmp_path, cache_dir, "--lr", "1e-3"))
-    images = trainer.data.images[:4]
-    trainer.data = ImageData(images, trainer.data.labels[:4], trainer.data.num_classes, trainer.data.key)
+    cfg, data, run = tiny_run(tmp_path, cache_dir, "--lr", "1e-3")
+    few = ImageData(data.images[:4], None, 0, data.key)
     # A fixed evaluation: the same 4 images, steps and noise before and after training.
-    x0 = torch.tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x0, _ = get_batch(few, 4, torch.Generator().manual_seed(0), "cpu")
     t = torch.tensor([0, 100, 300, 600])
-    noise = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    x_t, target, weight = training_example(trainer.ss, x0, t, noise=noise)
+    noise = torch.Generator().manual_seed(0)
+    example = run.method.example(x0, t, lambda shape: torch.randn(shape, generator=noise))
 
     def fixed_loss():
         with torch.no_grad():
-            return weighted_mse(trainer.model(x_t, t, 16), target, weight).mean().item()
+            return run.method.loss(run.model, example).mean().item()
 
     before = fixed_loss()
     for _ in range(30):
-        trainer.train_step()
+        t_batch = run.method.draw_steps(8, run.gens["shared"], run.gens["local"])
+        train.train_step(run, cfg, *get_batch(few, 8, run.gens["local"], "cpu")[:1], t_batch)
     assert fixed_loss() < 0.25 * before
 
 
 @pytest.mark.parametrize("dropout", ["0.0", "0.1"])  # dropout draws from the default generator, saved too
-def test_resume_is_exact(tmp_path, cache_dir, dropout):
+def test_resume_is_exact_and_the_log_reads_as_one_run(tmp_path, cache_dir, dropout):
     args = ("--log_every", "1", "--sample_every", "0", "--dropout", dropout)
     straight = fit(tmp_path / "straight", cache_dir, "--max_steps", "4", *args)
     fit(tmp_path / "resumed", cache_dir, "--max_steps", "2", *args)
+    # A run killed after step 3 left a log line that its checkpoint (step 2) does not cover: it runs again.
+    with open(tmp_path / "resumed" / "log.jsonl", "a") as f:
+        f.write(json.dumps(dict(read_log(tmp_path / "resumed")[-1], step=3)) + "\n")
     resumed = fit(tmp_path / "resumed", cache_dir, "--max_steps", "4", "--resume", "True", *args)
 
     assert resumed["step"] == 4
     for key in ("model", "ema", "optimizer", "step", "images_seen", "rng"):
         assert_same(straight[key], resumed[key], key)  # bitwise: nothing on the CPU path is nondeterministic
-    # The resumed run appends to the log; together the two halves are the straight run's log.
     logs = [read_log(tmp_path / name) for name in ("straight", "resumed")]
-    assert [(r["step"], r["loss_per_path"]) for r in logs[0]] == [(r["step"], r["loss_per_path"]) for r in logs[1]]
+    assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]
+    assert [r["loss_per_path"] for r in logs[0]] == [r["loss_per_path"] for r in logs[1]]
     assert len({path for r in logs[0] for path in r["loss_per_path"]}) > 1  # the level changes across the resume
 
 
@@ -234,22 +246,26 @@ import torch
 import train
 
 steps = []  # (path, this rank's loss) of every step
-train_step = train.Trainer.train_step
+train_step, build_run = train.train_step, train.build_run
 
 
-def recorded_step(self):
-    loss, path, grad_norm = train_step(self)
+def recorded_step(run, cfg, x0, t, y=None):
+    loss, path, grad_norm = train_step(run, cfg, x0, t, y)
     steps.append((path, loss.item()))
     return loss, path, grad_norm
 
 
-train.Trainer.train_step = recorded_step
-trainer = train.Trainer(train.parse_config(sys.argv[1:]))
-if os.environ.get("PERTURB_RANK") == str(trainer.rank):  # a replica that drifted: the checkpoint must refuse it
-    trainer.params[-1].data += 1e-3
-trainer.fit()
-torch.save(dict(model=trainer.model.state_dict(), ema=trainer.ema.state_dict(), steps=steps),
-           f"{trainer.cfg['out_dir']}/rank{trainer.rank}.pt")
+def drifted_run(*args, **kwargs):
+    run = build_run(*args, **kwargs)
+    if os.environ.get("PERTURB_RANK") == str(run.rank):  # a replica that drifted: the checkpoint must refuse it
+        run.params[-1].data += 1e-3
+    return run
+
+
+train.train_step, train.build_run = recorded_step, drifted_run
+run = train.main(sys.argv[1:])
+torch.save(dict(model=run.model.state_dict(), ema=run.ema.state_dict(), steps=steps),
+           f"{sys.argv[sys.argv.index('--out_dir') + 1]}/rank{run.rank}.pt")
 """
 
 
@@ -306,27 +322,34 @@ def test_parser_reads_booleans_and_key_equals_value():
     assert cfg["lr"] == 1e-3 and cfg["out_dir"] == "123" and cfg["data_dir"] == "2024"  # folder names stay text
     assert cfg["transition_share"] is None and cfg["max_steps"] == 500  # None: the preset's value
     assert cfg["res"] == 16 and cfg["levels"] == 2  # the preset goes down to 8 px
+    with pytest.raises(TypeError):
+        cfg["lr"] = 1.0  # settled once: no later writes
 
 
 def test_explicit_transitions():
-    cfg = train.parse_config(["--res", "64", "--levels", "4", "--transitions", "69,212,396"])
-    assert train.build_scale_space(cfg).transitions == [69, 212, 396]
+    cfg = train.parse_config(["--dataset", "celeba", "--levels", "4", "--transitions", "69,212,396"])
+    assert train.method_spec(cfg, 3, 0)["scale_space"]["transitions"] == [69, 212, 396]
     with pytest.raises(ValueError, match="increasing transition steps"):
-        train.build_scale_space(train.parse_config(["--res", "64", "--levels", "4", "--transitions", "69,212"]))
+        train.parse_config(["--dataset", "celeba", "--levels", "4", "--transitions", "69,212"])
 
 
-def test_presets():
+def test_presets_follow_the_model():
     celeba = train.parse_config(["--dataset", "celeba"])
     assert (celeba["res"], celeba["levels"], celeba["model"], celeba["batch_size"], celeba["lr"]) == \
         (64, 4, "paper", 128, 5e-5)
-    assert (celeba["warmup"], celeba["grad_clip"]) == (500, 1.0)
-    paper = train.parse_config(["--dataset", "celeba", "--lr", "1e-4", "--warmup", "0", "--grad_clip", "0"])
-    assert (paper["lr"], paper["warmup"], paper["grad_clip"]) == (1e-4, 0, 0.0)  # the paper's exact settings
+    assert (celeba["warmup"], celeba["grad_clip"], celeba["qk_norm"]) == (500, 1.0, True)
+    paper = train.parse_config(["--dataset", "celeba", "--lr", "1e-4", "--warmup", "0", "--grad_clip", "0",
+                                "--qk_norm", "False"])
+    assert (paper["lr"], paper["warmup"], paper["grad_clip"], paper["qk_norm"]) == (1e-4, 0, 0.0, False)
     big = train.parse_config(["--dataset", "celeba", "--res", "256"])
     assert (big["levels"], big["batch_size"], big["lr"], big["max_steps"]) == (6, 64, 5e-5, 300_000)
+    quick = train.parse_config(["--dataset", "celeba", "--model", "tiny"])  # a quick try on real faces
+    assert (quick["batch_size"], quick["lr"], quick["warmup"], quick["max_steps"]) == (64, 2e-4, 50, 500)
+    assert quick["levels"] == 3  # the tiny model has three encoder levels
     assert train.parse_config(["--res", "4"])["levels"] == 1  # below 8 px: one level, not a math error
-    eps = train.parse_config(["--baseline", "eps"])
-    assert (eps["levels"], eps["flexi"], eps["parameterisation"]) == (1, False, "eps")
+    eps = train.parse_config(["--method", "ddpm_eps"])
+    assert (eps["levels"], eps["flexi"]) == (1, False)
+    assert train.method_spec(eps, 1, 0)["parameterisation"] == "eps"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -342,29 +365,58 @@ def test_parser_rejects_bad_values(argv, message, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--schedule", "cubic"], "--schedule 'cubic': choose one of"),
-    (["--baseline", "ddim"], "--baseline 'ddim': choose x0 or eps"),
+    (["--schedule", "cubic"], "--schedule 'cubic': choose one of convex"),
+    (["--method", "ddim"], "--method 'ddim': choose one of ssd, ddpm_x0, ddpm_eps, msf"),
+    (["--dataset", "cifar"], "--dataset 'cifar': choose one of celeba"),
+    (["--model", "huge"], "--model 'huge': choose one of paper, tiny"),
+    (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+    (["--batch_size", "-4"], "--batch_size -4: must be at least 1"),
+    (["--levels", "0"], "--levels 0: must be at least 1"),
+    (["--T", "0"], "--T 0: must be at least 1"),
+    (["--T", "-5"], "--T -5: must be at least 1"),
+    (["--max_steps", "0"], "--max_steps 0: must be at least 1"),
+    (["--ckpt_every", "0"], "--ckpt_every 0: must be at least 1"),
+    (["--log_every", "0"], "--log_every 0: must be at least 1"),
+    (["--micro_batch", "0"], "--micro_batch: must be at least 1"),
+    (["--lr", "nan"], "--lr nan: must be a positive number"),
+    (["--lr", "-1"], "--lr -1.0: must be a positive number"),
+    (["--warmup", "-1"], "--warmup -1: must be 0 or more"),
+    (["--dropout", "1.5"], r"--dropout 1.5: must be in \[0, 1\)"),
+    (["--transitions", "abc"], "--transitions 'abc': give increasing steps"),
+    (["--res", "24"], "--res 24: not a power of two"),
+    (["--levels", "6"], "6 levels halve 16 px 5 times"),
+    (["--method", "ddpm_x0", "--levels", "3"], "--method ddpm_x0 trains one level"),
+    (["--device", "cpu", "--cuda_graphs", "True"], "--cuda_graphs True needs a CUDA device"),
+    (["--device", "cpu", "--bf16", "True"], "--bf16 True needs a CUDA device"),
+    (["--resume", "True", "--overwrite", "True"], "exclude each other"),
 ])
-def test_bad_settings_are_named(argv, message):
+def test_bad_settings_are_named_before_anything_runs(argv, message):
     with pytest.raises(ValueError, match=message):
-        train.parse_config(argv)
+        train.parse_config(["--res", "16"] + argv if "--res" not in argv else argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a CPU-only torch")
+def test_cuda_on_a_cpu_build_says_what_to_install():
+    with pytest.raises(ValueError, match="CPU-only build; .*install a CUDA build"):
+        train.parse_config(["--device", "cuda"])
+
+
+def test_errors_are_one_line_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--batch_size", "-4", "--out_dir", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: --batch_size -4: must be at least 1"
 
 
 @pytest.mark.parametrize("args, error, message", [
-    (["--dataset", "cifar"], ValueError, "unknown dataset 'cifar'"),
-    (["--res", "24"], ValueError, "resolution 24 is not a power of two"),
-    (["--levels", "6"], ValueError, "6 levels halve 16 px 5 times"),
-    (["--model", "huge"], ValueError, "--model 'huge': choose paper or tiny"),
-    (["--dataset", "celeba"], ValueError, "dataset 'celeba' needs data_dir"),
-    (["--dataset", "celeba", "--data_dir", "no_such_folder"], FileNotFoundError,
+    (["--dataset", "celeba", "--model", "tiny"], ValueError, "dataset 'celeba' needs data_dir"),
+    (["--dataset", "celeba", "--model", "tiny", "--data_dir", "no_such_folder"], FileNotFoundError,
      "data folder no_such_folder does not exist"),
-    (["--resume", "True"], FileNotFoundError, "no checkpoint at"),
-    (["--device", "cpu", "--cuda_graphs", "True"], ValueError, "--cuda_graphs True needs a CUDA device"),
-    (["--device", "cpu", "--bf16", "True"], ValueError, "--bf16 True needs a CUDA device"),
+    (["--resume", "True"], FileNotFoundError, "no checkpoint at .* to continue"),
 ])
 def test_bad_inputs_get_their_message(tmp_path, cache_dir, args, error, message):
     with pytest.raises(error, match=message):
-        train.Trainer(tiny_config(tmp_path, cache_dir, *args))
+        train.main(tiny_argv(tmp_path, cache_dir, *args))
 
 
 def test_corrupt_image_in_a_folder_is_named(tmp_path):
@@ -374,37 +426,123 @@ def test_corrupt_image_in_a_folder_is_named(tmp_path):
         Image.new("RGB", (20, 24), (40 * k, 80, 120)).save(folder / f"good{k}.jpg")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     argv = ["--dataset", "folder", "--data_dir", str(folder), "--cache_dir", str(tmp_path / "cache"),
-            "--res", "16", "--out_dir", str(tmp_path / "out")]
-    with pytest.warns(UserWarning, match="skipped 1 unreadable images of 4 .*broken.jpg"):
-        trainer = train.Trainer(train.parse_config(argv))
-    assert len(trainer.data) == 3 and trainer.cfg["channels"] == 3
-    with pytest.raises(ValueError, match="--class_cond True needs class labels and folder has none"):
-        train.Trainer(train.parse_config(argv + ["--class_cond", "True"]))
+            "--res", "16", "--out_dir", str(tmp_path / "out"), "--max_steps", "1", "--sample_n", "1",
+            "--sample_steps", "3"]
+    with pytest.warns(UserWarning) as warned:
+        run = train.main(argv)
+    messages = [str(w.message) for w in warned]
+    assert any("skipped 1 unreadable images of 4" in m and "broken.jpg" in m for m in messages)
+    assert any("only 3 images" in m for m in messages)  # too few to learn more than copies
+    assert run.channels == 3
+    with pytest.warns(UserWarning, match="only 3 images"), \
+            pytest.raises(ValueError, match="--class_cond True needs class labels and folder has none"):
+        train.main(argv + ["--class_cond", "True", "--out_dir", str(tmp_path / "cond")])
 
 
 def test_resume_from_another_configuration_fails(tmp_path, cache_dir):
     fit(tmp_path, cache_dir, "--max_steps", "1", "--sample_every", "0")
     with pytest.raises(ValueError, match=r"another configuration \(levels: checkpoint 2 vs now 1"):
-        train.Trainer(tiny_config(tmp_path, cache_dir, "--levels", "1", "--resume", "True"))
+        train.main(tiny_argv(tmp_path, cache_dir, "--levels", "1", "--resume", "True"))
+
+
+# -----------------------------------------------------------------------------
+# nothing lost: the run folder, checkpoints, divergence
+
+
+def test_a_folder_that_holds_a_run_is_never_overwritten_by_accident(tmp_path, cache_dir):
+    fit(tmp_path, cache_dir, "--max_steps", "3", "--log_every", "1", "--sample_every", "0")
+    before = {name: (tmp_path / name).read_bytes() for name in ("ckpt.pt", "log.jsonl")}
+    with pytest.raises(FileExistsError, match="already holds a run .*--resume True .*--overwrite True"):
+        fit(tmp_path, cache_dir, "--max_steps", "1")
+    with pytest.raises(ValueError, match="--max_steps 0"):  # a bad flag fails before the folder is touched
+        fit(tmp_path, cache_dir, "--max_steps", "0")
+    assert all((tmp_path / name).read_bytes() == data for name, data in before.items())
+    ckpt = fit(tmp_path, cache_dir, "--max_steps", "1", "--overwrite", "True", "--sample_every", "0")
+    assert ckpt["step"] == 1 and [r["step"] for r in read_log(tmp_path)] == [1]
+
+
+def test_a_second_run_on_the_same_folder_stops_clearly(tmp_path, cache_dir):
+    lock = common.claim_run_folder(str(tmp_path))  # a run in progress holds it
+    try:
+        with pytest.raises(FileExistsError, match="another run is using"):
+            fit(tmp_path, cache_dir, "--max_steps", "1")
+    finally:
+        lock.close()
+    fit(tmp_path, cache_dir, "--max_steps", "1", "--sample_every", "0")  # free again
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, cache_dir, monkeypatch):
+    fit(tmp_path, cache_dir, "--max_steps", "2", "--sample_every", "0")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(common.torch, "save", full_disk)
+    with pytest.raises(OSError, match="the disk is full: could not write .*ckpt.pt \\(the previous checkpoint is kept"):
+        fit(tmp_path, cache_dir, "--max_steps", "4", "--resume", "True", "--sample_every", "0")
+    assert (tmp_path / "ckpt.pt").read_bytes() == before and not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"garbage bytes, not a zip", "is not a checkpoint written by torch.save"),
+    ("truncated", "is truncated or corrupt"),
+    ("old format", "was written by an older version of train.py"),
+])
+def test_corrupt_checkpoints_are_named(tmp_path, cache_dir, content, message):
+    fit(tmp_path, cache_dir, "--max_steps", "1", "--sample_every", "0")
+    path = tmp_path / "ckpt.pt"
+    if content == "truncated":
+        path.write_bytes(path.read_bytes()[:5000])
+    elif content == "old format":
+        torch.save({"config": {"levels": 2}, "model": {}}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        fit(tmp_path, cache_dir, "--max_steps", "2", "--resume", "True")
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir):
-    # Logs are rare here, but every checkpoint is checked before it is written.
     with pytest.raises(FloatingPointError, match=r"training diverged at step \d+ .*the last good checkpoint"):
         fit(tmp_path, cache_dir, "--lr", "1e30", "--max_steps", "20", "--log_every", "100", "--ckpt_every", "1")
     log = read_log(tmp_path)
-    assert log[-1]["loss"] is None and all(math.isfinite(r["loss"]) for r in log[:-1])  # null: standard JSON
+    assert all(math.isfinite(r["loss"]) for r in log[:-1])
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == log[-1]["step"] - 1
     assert all(v.isfinite().all() for part in ("model", "ema") for v in ckpt[part].values())
 
 
-def test_nan_gradients_behind_a_finite_loss_are_caught(tmp_path, cache_dir):
-    trainer = train.Trainer(tiny_config(tmp_path, cache_dir, "--max_steps", "5", "--ckpt_every", "1"))
-    # The third step's gradient is NaN: its loss is finite, the weights after its update are not.
-    trainer.model.head[-1].weight.register_hook(lambda grad: grad * math.nan if trainer.step == 2 else grad)
+def test_a_finite_but_exploded_loss_is_no_good_checkpoint(tmp_path, cache_dir, monkeypatch):
+    """A loss 100x the recent ones stops the run before its checkpoint; the kept one is from before."""
+    train_step = train.train_step
+
+    def exploding(run, cfg, x0, t, y=None):
+        if run.step == 6:  # the weights blow up before step 7: its loss is huge but finite
+            run.model.head[-1].weight.data *= 1e5
+        return train_step(run, cfg, x0, t, y)
+
+    monkeypatch.setattr(train, "train_step", exploding)
+    with pytest.raises(FloatingPointError, match=r"diverged at step 7 \(loss [\d.e+]+, \d+x the median of the "
+                                                 r"recent losses of path"):
+        fit(tmp_path, cache_dir, "--max_steps", "20", "--ckpt_every", "1", "--lr", "1e-3", "--warmup", "0",
+            "--sample_every", "0")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 6 and math.isfinite(read_log(tmp_path)[-1]["loss"])
+
+
+def test_nan_gradients_behind_a_finite_loss_are_caught(tmp_path, cache_dir, monkeypatch):
+    build_run = train.build_run
+
+    def poisoned(*args, **kwargs):
+        run = build_run(*args, **kwargs)
+        # The third step's gradient is NaN: its loss is finite, the weights after its update are not.
+        run.model.head[-1].weight.register_hook(lambda grad: grad * math.nan if run.step == 2 else grad)
+        return run
+
+    monkeypatch.setattr(train, "build_run", poisoned)
     with pytest.raises(FloatingPointError, match=r"at step 3 \(loss [-\d.e]+, weights not finite\); the last good "
                                                  r"checkpoint \(step 2\)"):
-        trainer.fit()
+        fit(tmp_path, cache_dir, "--max_steps", "5", "--ckpt_every", "1")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values())

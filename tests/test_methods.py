@@ -1,0 +1,73 @@
+"""methods.py: every method behind one interface; its paths and their shares follow the batch rule (METHOD.md §3)."""
+import collections
+import json
+
+import pytest
+import torch
+
+import bench
+import methods
+import msf
+import train
+from flexi_unet import tiny_config
+
+
+def ssd_method(res, levels, transition_share=None):
+    scale_space = dict(res=res, levels=levels, T=1000, schedule="convex", gamma=0.5, op="bilinear", noise="linear",
+                       transitions=None)
+    return methods.from_spec(methods.ssd_spec("ssd", tiny_config(res, min(levels, 3)), scale_space,
+                                              transition_share=transition_share))
+
+
+@pytest.mark.parametrize("res,levels", [(64, 3), (32, 1), (64, 2)])
+def test_path_shares_follow_the_batch_rule(res, levels):
+    """One path per level and one per resolution change; the shares sum to one, each change gets 1/T."""
+    method = ssd_method(res, levels)
+    shares = {p.name: p.share for p in method.paths}
+    assert sum(shares.values()) == pytest.approx(1.0) and len(shares) == 2 * levels - 1
+    for t in method.ss.transitions:
+        assert shares[method.path_name(t)] == pytest.approx(1 / 1000)
+    if levels == 3:  # ConvexDecay 0.5 with 3 levels: level 0 holds steps 0..554
+        assert shares[f"{res}->{res}"] == pytest.approx(555 / 1000)
+    for path in method.paths:  # a path's representative step and its batches run that path
+        assert method.path_name(method.path_steps(path, 4)) == path.name
+
+
+def test_drawn_batches_take_each_path_with_its_share():
+    method = ssd_method(32, 3, transition_share=0.1)
+    shared, local = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    n = 20_000
+    counts = collections.Counter(method.path_name(method.draw_steps(2, shared, local)) for _ in range(n))
+    for path in method.paths:  # within 4 binomial standard errors
+        assert abs(counts[path.name] / n - path.share) < 4 * (path.share * (1 - path.share) / n) ** 0.5, path.name
+
+
+@pytest.mark.parametrize("name", ["ssd", "msf"])
+def test_a_spec_is_plain_data_that_rebuilds_its_method(name):
+    cfg = train.parse_config(["--res", "16", "--method", name, "--levels", "2" if name == "ssd" else "1"])
+    spec = train.method_spec(cfg, 1, 0)
+    assert json.loads(json.dumps(spec)) == json.loads(json.dumps(spec))  # strings, numbers, lists, dicts only
+    method = methods.from_spec(spec)
+    model = method.build_model()
+    x0 = torch.rand(3, 1, 16, 16) * 2 - 1
+    noise = lambda shape: torch.randn(shape)
+    for path in method.paths:
+        example = method.example(x0, method.path_steps(path, 3), noise)
+        loss = method.loss(model, example)
+        assert loss.shape == (3,) and torch.isfinite(loss).all()
+    assert method.sample(model, 2, 1, steps=4).shape == (2, 1, 16, 16)
+    assert isinstance(method, msf.MSFMethod) == (name == "msf")
+
+
+def test_unknown_method_is_named():
+    with pytest.raises(ValueError, match="unknown method 'gan'"):
+        methods.from_spec(dict(method="gan"))
+
+
+def test_bench_variants_are_train_py_settings(tmp_path):
+    args = type("Args", (), dict(res=64, levels=4, batch_size=None, compile=False))
+    cfg = bench.variant_config(args, "ssd-nograph-paperattn", str(tmp_path))
+    assert (cfg["levels"], cfg["cuda_graphs"], cfg["qk_norm"], cfg["batch_size"]) == (4, False, False, 128)
+    assert bench.variant_config(args, "full", str(tmp_path))["method"] == "ddpm_x0"
+    with pytest.raises(SystemExit, match="unknown variant 'ssd-fast'"):
+        bench.variant_config(args, "ssd-fast", str(tmp_path))
