@@ -21,16 +21,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--res", "16", "--levels", "2", "--batch_size", "8", "--sample_n", "4", "--sample_steps", "5"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Steps of a tiny model are short: on a shared machine, OpenMP threads waiting on each other make them up to
-    # ten times slower than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     # The bundled Fashion-MNIST is prepared once for the whole file, outside the repository.
