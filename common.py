@@ -245,11 +245,13 @@ def claim_run_folder(folder, resume=False, overwrite=False):
         raise FileExistsError(f"another run is using {folder} right now; wait for it to finish, or pass another "
                               f"--out_dir") from None
     ckpt = os.path.join(folder, "ckpt.pt")
+    held = [name for name in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(folder, name))]
     if resume and not os.path.exists(ckpt):
+        lock.close()
         raise FileNotFoundError(f"--resume True: there is no checkpoint at {ckpt} to continue; leave out --resume "
                                 f"to start a new run there, or point --out_dir at the run's folder")
-    held = [name for name in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(folder, name))]
     if held and not (resume or overwrite):
+        lock.close()
         raise FileExistsError(f"{folder} already holds a run ({', '.join(held)}); pass --resume True to continue it, "
                               f"--overwrite True to start over, or another --out_dir")
     if overwrite:

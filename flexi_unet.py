@@ -171,8 +171,9 @@ class Attention(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         q, k, v = self.project(x)
-        if self.fp32:
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(v.dtype)
+        if self.fp32:  # autocast would cast the inputs of the attention back to bf16: it is off around it
+            with torch.autocast(x.device.type, enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(v.dtype)
         else:
             out = F.scaled_dot_product_attention(q, k, v)  # fused kernel on GPU; scale 1/sqrt(head dim) as ADM
         out = self.proj(out.transpose(1, 2).reshape(B, H * W, C))

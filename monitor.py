@@ -132,9 +132,11 @@ def significant(value, digits=4):
 
 
 def attention_logits(module, x):
-    """The logits q.k / sqrt(d) of an Attention layer on its input x, in float32."""
+    """The logits q.k / sqrt(d) of an Attention layer on its input x, in float32 (autocast off: it would multiply
+    in bf16)."""
     q, k, _ = module.project(x)
-    return (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    with torch.autocast(x.device.type, enabled=False):
+        return (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
 
 
 # -----------------------------------------------------------------------------

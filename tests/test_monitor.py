@@ -8,8 +8,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from flexi_unet import Attention, UNet, tiny_config
-from monitor import (DIVERGENCE_FACTOR, Monitor, RunLog, Window, block_of, check_divergence, json_safe,
-                     significant)
+from monitor import (DIVERGENCE_FACTOR, Monitor, RunLog, Window, attention_logits, block_of, check_divergence,
+                     json_safe)
 
 
 def randomized(model, seed=0, std=0.2):
@@ -225,6 +225,18 @@ def test_forward_maxima_on_compiled_blocks(training):
     for block, value in hand_act.items():
         assert record["act_max_per_block"][block] == pytest.approx(value, rel=1e-3), block
     assert set(record["attn_logit_max_per_block"]) == set(hand_logit)
+
+
+def test_attention_logits_are_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    layer = Attention(32, 2, 8)
+    x = torch.randn(2, 32, 4, 4)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        q, k, _ = layer.project(x)
+        logits = attention_logits(layer, x)
+    expected = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(16)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits.double(), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_forward_maxima_removes_its_hooks_even_when_the_pass_fails():
