@@ -201,8 +201,9 @@ class Run:
     graphs: PathGraphs | None  # the recorded paths (CUDA graphs), or None
     monitor: Monitor           # gradient norms, update sizes, activations and attention logits per block
     autocast: object
-    gens: dict                 # shared: each step's path, alike on every rank; local: images, steps, flips, labels;
-    device: torch.device       # noise: the forward process's noise, on the device
+    gens: dict                 # generators: "shared" (each step's path, alike on every rank), "local" (images, steps,
+                               # flips, labels), "noise" (the forward process's noise, on the device)
+    device: torch.device
     channels: int
     num_classes: int
     rank: int = 0

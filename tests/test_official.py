@@ -224,6 +224,25 @@ def test_the_command_writes_a_checkpoint_that_reproduces_their_model(tmp_path, m
         assert_close(net(case["x"], case["t"], 4), case["out"], "converted checkpoint, 4->4")
 
 
+def test_sample_py_draws_from_their_file_directly(tmp_path, monkeypatch):
+    """sample.py recognises their layout, converts it on the fly and samples; the network is theirs on every path."""
+    import sample
+    fx = fixture()
+    src = tmp_path / official.file_name("celeba", 16, 4, 1000)  # a released-style name: res and levels from it
+    torch.save({"model": unconditional(their_weights(fx)), "step": 1000}, src)
+    monkeypatch.setattr(official, "unet_config", lambda res, levels, num_classes=0: their_routing(tiny_unet_config()))
+    method, net, ckpt = sample.load_model(str(src))
+    assert ckpt["step"] == 1000 and method.ss.transitions == ScaleSpace(16, 4).transitions
+    with torch.no_grad():
+        for name, case in fx["paths"].items():
+            out_res = int(name.split("->")[1])
+            if not (out_res == 16 and case["x"].shape[-1] == 8):  # their route into full resolution: tested above
+                assert_close(net(case["x"], case["t"], out_res), case["out"], name)
+    grid = tmp_path / "grid.png"
+    sample.main(["--ckpt", str(src), "--n", "4", "--steps", "8", "--out", str(grid), "--device", "cpu"])
+    assert grid.is_file()
+
+
 # -----------------------------------------------------------------------------
 # Every released configuration, against their code (SSD_OFFICIAL_REPO)
 
