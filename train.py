@@ -75,7 +75,10 @@ SETTINGS = {
         ("grad_clip", None, "largest gradient norm, 0 = off (None: 1; the paper: 0)"),
         ("ema_decay", 0.9999, "EMA of the weights, warmed up as min(decay, (1 + n) / (10 + n))"),
         ("max_steps", None, "optimiser steps (None: 1M at 64 px, 300K above for the paper model; tiny 500)"),
-        ("time_budget", 0.0, "minutes of training after compilation, checked at each log (0: no limit)"),
+        ("time_budget", 0.0, "minutes of training, compilation and sample grids excluded, checked at each log line; "
+                             "a resumed run continues the count (0: no limit)"),
+        ("snapshot_minutes", None, "save the EMA weights after these minutes of training (as time_budget counts "
+                                   "them), e.g. 1,2,4,8,16: out_dir/snapshots/, for curves.py"),
     ],
     "system": [
         ("device", "auto", "auto, cuda, cuda:N or cpu"),
@@ -100,7 +103,7 @@ SETTINGS = {
 DEFAULTS = {name: default for group in SETTINGS.values() for name, default, _ in group}
 TYPES = dict(data_dir=str, cache_dir=str, res=int, levels=int, transitions=str, transition_share=float, model=str,
              batch_size=int, micro_batch=int, lr=float, warmup=int, grad_clip=float, max_steps=int, compile=bool,
-             cuda_graphs=bool, bf16=bool, wandb_project=str)  # of the settings whose default is None
+             cuda_graphs=bool, bf16=bool, wandb_project=str, snapshot_minutes=str)  # the settings whose default is None
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU, for the MFU column
 
 
@@ -129,6 +132,11 @@ def apply_presets(cfg):
             cfg[key] = value
     if cfg["method"] in ("ddpm_x0", "ddpm_eps"):
         cfg["flexi"] = False  # DDPM runs the full ADM UNet
+    if isinstance(cfg["snapshot_minutes"], str):
+        try:
+            cfg["snapshot_minutes"] = sorted(float(m) for m in cfg["snapshot_minutes"].split(","))
+        except ValueError:
+            raise ValueError(f"--snapshot_minutes {cfg['snapshot_minutes']!r}: give minutes, e.g. 1,2,4,8") from None
     if isinstance(cfg["transitions"], str):
         try:
             cfg["transitions"] = [int(t) for t in cfg["transitions"].split(",")]
@@ -163,6 +171,7 @@ def check_config(cfg):
     need(cfg["transition_share"] is None or 0 <= cfg["transition_share"] <= 1, "--transition_share: must be in [0, 1]")
     need(cfg["min_snr"] > 0 and cfg["gamma"] > 0, "--min_snr and --gamma must be positive")
     need(cfg["micro_batch"] is None or cfg["micro_batch"] >= 1, "--micro_batch: must be at least 1")
+    need(all(m > 0 for m in cfg["snapshot_minutes"] or ()), "--snapshot_minutes: every entry must be positive")
     need(cfg["method"] in ("ssd", "msf") or cfg["levels"] == 1, f"--method {cfg['method']} trains one level")
     need(cfg["method"] != "msf" or cfg["levels"] == 1, "--method msf: each of its two stages has one level")
     for key in ("bf16", "cuda_graphs"):
@@ -210,6 +219,7 @@ class Run:
     world: int = 1
     step: int = 0
     images_seen: int = 0
+    train_seconds: float = 0.0  # training time so far, compilation and sample grids excluded
     block_fields: dict = field(default_factory=dict)  # the monitor's measurements for the next log line
 
     def __post_init__(self):
@@ -337,7 +347,8 @@ def save(run, cfg):
     if run.world > 1:
         check_replicas_agree(run.model, run.step)
     state = dict(format=1, spec=run.spec, model=run.model.state_dict(), ema=run.ema.state_dict(),
-                 optimizer=run.opt.state_dict(), step=run.step, images_seen=run.images_seen, config=dict(cfg),
+                 optimizer=run.opt.state_dict(), step=run.step, images_seen=run.images_seen,
+                 train_seconds=run.train_seconds, config=dict(cfg),
                  rng=gather(rng_states(run.gens, run.device), run.world))  # each rank draws its own images
     if run.rank == 0:
         save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), state)
@@ -356,7 +367,7 @@ def restore(run, cfg, ckpt):
     run.model.load_state_dict(ckpt["model"])
     run.ema.load_state_dict(ckpt["ema"])
     run.opt.load_state_dict(ckpt["optimizer"])
-    run.step, run.images_seen = ckpt["step"], ckpt["images_seen"]
+    run.step, run.images_seen, run.train_seconds = ckpt["step"], ckpt["images_seen"], ckpt["train_seconds"]
     set_rng_states(run.gens, ckpt["rng"][run.rank], run.device)
 
 
@@ -378,14 +389,22 @@ def save_samples(run, cfg):
     return path
 
 
-def out_of_time(run, cfg, start):
-    """Whether the time budget is spent. Rank 0's clock decides: every rank must stop at the same step."""
-    over = bool(cfg["time_budget"]) and time.time() - start > 60 * cfg["time_budget"]
-    if run.world > 1 and cfg["time_budget"]:
-        flag = torch.tensor(float(over), device=run.device)
-        dist.broadcast(flag, 0)
-        over = bool(flag)
-    return over
+def save_snapshot(run, cfg, minutes):
+    """The EMA weights after `minutes` of training, as a checkpoint that sample.py and curves.py read."""
+    folder = os.path.join(cfg["out_dir"], "snapshots")
+    os.makedirs(folder, exist_ok=True)
+    save_checkpoint(os.path.join(folder, f"ema_{minutes:g}min.pt"),
+                    dict(format=1, spec=run.spec, ema=run.ema.state_dict(), step=run.step, images_seen=run.images_seen,
+                         train_seconds=run.train_seconds, minutes=minutes, config=dict(cfg)))
+
+
+def agreed(run, seconds):
+    """Rank 0's clock: every rank must stop, and snapshot, at the same step."""
+    if run.world > 1:
+        value = torch.tensor(seconds, dtype=torch.float64, device=run.device)
+        dist.broadcast(value, 0)
+        seconds = float(value)
+    return seconds
 
 
 # -----------------------------------------------------------------------------
@@ -432,7 +451,8 @@ def main(argv=None):
 
     bar = tqdm(total=cfg["max_steps"], initial=run.step, desc="training", disable=not master, dynamic_ncols=True)
     window, history, kept = Window(), {}, run.step if cfg["resume"] else None
-    start = time.time()
+    base, start = run.train_seconds, time.time()  # the clock: training so far, then this process's
+    snapshots = [m for m in cfg["snapshot_minutes"] or () if 60 * m > base]
     while run.step < cfg["max_steps"]:
         t = run.method.draw_steps(per_rank, run.gens["shared"], run.gens["local"])  # one path for the whole batch
         x0, y = get_batch(data, per_rank, run.gens["local"], device)
@@ -451,13 +471,22 @@ def main(argv=None):
                                     (f" | mfu {100 * record['mfu']:.1f}%" if peak else ""))
             check_divergence(record, run.params, history, kept, ckpt_path)
             window = Window()
-            done = done or out_of_time(run, cfg, start)
+            run.train_seconds = agreed(run, base + time.time() - start)
+            paused = time.time()
+            while snapshots and run.train_seconds >= 60 * snapshots[0]:
+                minutes = snapshots.pop(0)
+                if master:
+                    save_snapshot(run, cfg, minutes)
+            start += time.time() - paused  # snapshots do not count as training time
+            done = done or bool(cfg["time_budget"]) and run.train_seconds > 60 * cfg["time_budget"]
         if checkpoint or done:
             save(run, cfg)
             kept = run.step
         if master and ((cfg["sample_every"] and run.step % cfg["sample_every"] == 0) or done):
+            paused = time.time()
             bar.write(f"drawing {cfg['sample_n']} EMA samples with {cfg['sample_steps']} steps")
             bar.write(f"samples: {save_samples(run, cfg)}")
+            start += time.time() - paused  # neither do sample grids
         if done:
             break
     bar.close()

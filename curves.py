@@ -1,0 +1,131 @@
+"""
+Quality per training time: FID of every EMA snapshot of some runs, against the minutes of training and the
+images seen, one line per run, in one table and one plot.
+
+    python train.py --dataset celeba --data_dir PATH --out_dir runs/ssd4_s0 --snapshot_minutes 1,2,4,8,16 --max_steps 1000000
+    python train.py --dataset celeba --data_dir PATH --out_dir runs/ddpm_s0 --method ddpm_x0 --snapshot_minutes 1,2,4,8,16 ...
+    python curves.py runs/ssd4_s0 runs/ddpm_s0 --n 2000 --steps 100 --data_dir PATH --max_ref 6000 --out out/curves
+
+Every snapshot is scored the same way: images 0 .. n-1 from fixed per-image seeds, the same sampler and steps,
+FID against the first max_ref training images (their statistics cached once per dataset and resolution). A
+snapshot's score is kept beside it (ema_<m>min.json), so a second call scores only the new snapshots (or all of
+them, if --n, --steps or --max_ref changed): runs can be extended, or added, and the table redrawn. Sampling time is reported apart from the training time.
+"""
+import argparse
+import glob
+import json
+import os
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+import fid  # noqa: E402
+import sample  # noqa: E402
+from common import parse_bool, pick_device, run_script  # noqa: E402
+from data import load_dataset, to_uint8_images  # noqa: E402
+
+
+def snapshots(run_dir):
+    """The snapshot files of a run folder, by training minutes."""
+    files = glob.glob(os.path.join(run_dir, "snapshots", "ema_*min.pt"))
+    if not files:
+        raise FileNotFoundError(f"{run_dir} has no snapshots/ema_<minutes>min.pt: train it with --snapshot_minutes")
+    return sorted(files, key=lambda f: float(os.path.basename(f)[len("ema_"):-len("min.pt")]))
+
+
+def score(path, args, device, extractor, datasets):
+    """FID of one snapshot (n images, seeds 0 .. n-1), with its training record and the sampling time."""
+    method, net, ckpt = sample.load_model(path, device)
+    cfg = ckpt["config"]
+    key = (cfg["dataset"], cfg["res"], args.data_dir or cfg["data_dir"], cfg["cache_dir"])
+    if key not in datasets:  # one reference per dataset and resolution
+        datasets[key] = load_dataset(*key)
+    if args.compile if args.compile is not None else device.type == "cuda":
+        net.compile_blocks()
+        with torch.inference_mode():
+            method.warm_up(net, min(args.batch_size, args.n), method.channels)
+    start = time.time()
+    images = [to_uint8_images(x) for _, x in sample.generate_batches(method, net, 0, args.n, steps=args.steps,
+                                                                     batch_size=min(args.batch_size, args.n))]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    sampling = time.time() - start
+    value, n, n_ref = fid.fid_against_dataset(images, datasets[key], extractor, args.cache_dir, max_ref=args.max_ref)
+    return dict(snapshot=path, method=ckpt["spec"]["method"], minutes=ckpt["minutes"],
+                train_seconds=ckpt["train_seconds"], step=ckpt["step"], images_seen=ckpt["images_seen"], fid=value,
+                n=n, n_ref=n_ref, max_ref=args.max_ref, steps=args.steps, sampling_seconds=sampling)
+
+
+def table(rows):
+    lines = ["| run | method | minutes | step | images seen | FID | sampling s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['method']} | {r['minutes']:g} | {r['step']:,} | {r['images_seen']:,} | "
+                     f"{r['fid']:.2f} | {r['sampling_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for run in dict.fromkeys(r["run"] for r in rows):
+        mine = [r for r in rows if r["run"] == run]
+        label = f"{run} ({mine[0]['method']})"
+        axes[0].plot([r["train_seconds"] / 60 for r in mine], [r["fid"] for r in mine], "o-", label=label)
+        axes[1].plot([r["images_seen"] for r in mine], [r["fid"] for r in mine], "o-", label=label)
+    for ax, xlabel in zip(axes, ("minutes of training", "images seen")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"FID ({rows[0]['n']} samples, {rows[0]['steps']} steps)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders of train.py --snapshot_minutes")
+    p.add_argument("--n", type=int, default=2000, help="samples per snapshot")
+    p.add_argument("--steps", type=int, default=100, help="respaced ancestral sampling steps")
+    p.add_argument("--batch_size", type=int, default=250)
+    p.add_argument("--data_dir", help="the training data (default: each run's own)")
+    p.add_argument("--max_ref", type=int, help="use the first N training images as the reference")
+    p.add_argument("--inception", help="Inception weights (see fid.py)")
+    p.add_argument("--cache_dir", default="cache", help="where the reference statistics are cached")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", type=parse_bool, help="torch.compile the network (default: on CUDA)")
+    p.add_argument("--out", default=os.path.join("out", "curves"), help="folder for curves.md, .json and .png")
+    args = p.parse_args(argv)
+    if args.n < 2 or args.steps < 1:
+        p.error("--n must be at least 2 and --steps at least 1")
+    device = pick_device(args.device)
+    files = {run: snapshots(run) for run in args.runs}  # every folder is checked before any work
+    extractor = fid.load_inception(args.inception, device)
+    os.makedirs(args.out, exist_ok=True)
+    rows, datasets = [], {}
+    for run, paths in files.items():
+        for path in paths:
+            done = path[:-len(".pt")] + ".json"
+            row = None
+            if os.path.exists(done):
+                with open(done) as f:
+                    row = json.load(f)
+            if row is None or (row["n"], row["steps"], row["max_ref"]) != (args.n, args.steps, args.max_ref):
+                row = score(path, args, device, extractor, datasets)
+                with open(done, "w") as f:
+                    json.dump(row, f, indent=1)
+            rows.append(dict(row, run=os.path.basename(os.path.normpath(run))))
+            print(f"{rows[-1]['run']} {row['minutes']:g} min (step {row['step']:,}): FID {row['fid']:.2f}")
+    with open(os.path.join(args.out, "curves.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(args.out, "curves.md"), "w") as f:
+        f.write(table(rows) + "\n")
+    plot(rows, os.path.join(args.out, "curves.png"))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    run_script(main)

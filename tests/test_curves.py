@@ -1,0 +1,71 @@
+"""Snapshots at minutes of training (train.py --snapshot_minutes) and their FID curves (curves.py), on CPU."""
+import json
+import os
+
+import pytest
+import torch
+
+import curves
+import fid
+import sample
+import train
+
+TINY = ["--res", "16", "--levels", "2", "--batch_size", "8", "--sample_every", "0", "--sample_n", "2",
+        "--sample_steps", "3", "--log_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def test_snapshots_are_taken_at_their_minutes_and_a_resumed_run_continues_the_clock(tmp_path, cache_dir):
+    argv = TINY + ["--out_dir", str(tmp_path), "--cache_dir", cache_dir, "--snapshot_minutes", "1e-9,2e-9,1000"]
+    train.main(argv + ["--max_steps", "3"])
+    names = sorted(os.listdir(tmp_path / "snapshots"))
+    assert names == ["ema_1e-09min.pt", "ema_2e-09min.pt"]  # the first log line is past both; 1000 min never comes
+    snap = torch.load(tmp_path / "snapshots" / names[0], weights_only=True)
+    assert snap["step"] == 1 and snap["minutes"] == 1e-9 and snap["train_seconds"] > 6e-8
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    method, net, _ = sample.load_model(str(tmp_path / "snapshots" / names[0]))  # a snapshot is a checkpoint
+    assert method.name == "ssd"
+    resumed = train.main(argv + ["--max_steps", "5", "--resume", "True"])
+    assert resumed.train_seconds > ckpt["train_seconds"] > 0  # the clock goes on from the checkpoint's
+
+
+def test_bad_snapshot_minutes_are_named():
+    with pytest.raises(ValueError, match="--snapshot_minutes 'one': give minutes"):
+        train.parse_config(["--snapshot_minutes", "one"])
+    with pytest.raises(ValueError, match="--snapshot_minutes: every entry must be positive"):
+        train.parse_config(["--snapshot_minutes", "0,1"])
+
+
+def test_curves_score_every_snapshot_once_and_draw_the_table(tmp_path, cache_dir, monkeypatch, capsys):
+    runs = []
+    for name, method in (("ssd", "ssd"), ("ddpm", "ddpm_x0")):
+        out = tmp_path / name
+        levels = "2" if method == "ssd" else "1"
+        train.main(TINY + ["--out_dir", str(out), "--cache_dir", cache_dir, "--method", method, "--levels", levels,
+                           "--max_steps", "2", "--snapshot_minutes", "1e-9,2e-9"])
+        runs.append(str(out))
+    torch.manual_seed(0)  # a tiny random feature network stands in for Inception
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 13, stride=13), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+    monkeypatch.setattr(fid, "load_inception", lambda path, device: fid.InceptionFeatures(net, "tiny", device))
+    argv = [*runs, "--n", "6", "--steps", "4", "--batch_size", "4", "--max_ref", "16", "--cache_dir",
+            str(tmp_path / "fid_cache"), "--out", str(tmp_path / "curves"), "--device", "cpu"]
+    curves.main(argv)
+    rows = json.loads((tmp_path / "curves" / "curves.json").read_text())
+    assert [(r["run"], r["minutes"]) for r in rows] == [("ssd", 1e-9), ("ssd", 2e-9), ("ddpm", 1e-9), ("ddpm", 2e-9)]
+    assert all(r["fid"] > 0 and r["n"] == 6 and r["n_ref"] == 16 for r in rows)
+    assert {r["method"] for r in rows} == {"ssd", "ddpm_x0"}
+    assert (tmp_path / "curves" / "curves.png").is_file() and "| ssd | ssd |" in (tmp_path / "curves" / "curves.md").read_text()
+
+    scored = []
+    monkeypatch.setattr(curves, "score", lambda *args: scored.append(args) or {})
+    curves.main(argv)  # every snapshot already has its score beside it: nothing is sampled again
+    assert scored == []
+
+
+def test_a_run_without_snapshots_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no snapshots.*--snapshot_minutes"):
+        curves.main([str(tmp_path)])
