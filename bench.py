@@ -98,11 +98,11 @@ def bench_training(run, cfg, data, args, peak):
 @torch.no_grad()
 def bench_sampling(run, args):
     """Sampling time of args.sample_batch images (untrained weights: speed only)."""
-    n, channels = args.sample_batch, run.method.channels
+    n = args.sample_batch
     noise = seeded_noise(torch.arange(n, device=run.device))
-    draw = lambda steps: run.method.sample(run.model, n, channels, steps, noise=noise)
+    draw = lambda steps: run.method.sample(run.model, n, steps, noise=noise)
     start = time.time()
-    run.method.warm_up(run.model, n, channels)  # compiles every inference path
+    run.method.warm_up(run.model, n)  # compiles every inference path
     torch.cuda.synchronize()
     results = dict(compile_s=time.time() - start)
     for steps in args.sample_steps:

@@ -213,14 +213,18 @@ def check_checkpoint(ckpt, path):
 
 def read_tensors_file(path, what="file"):
     """torch.load with weights_only=True, with a one-line error for a truncated, corrupt or unsafe file."""
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        with open(path, "rb") as f:
+            started = f.read(4) == b"PK\x03\x04"  # the start of one, without its end
+        raise ValueError(f"{path} is truncated or corrupt, not a readable {what} (a zip archive without its "
+                         f"directory)" if started else f"{path} is not a {what} written by torch.save (it is not a "
+                         f"zip archive)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        if not zipfile.is_zipfile(path):
-            raise ValueError(f"{path} is not a {what} written by torch.save (it is not a zip archive)") from None
         raise ValueError(f"{path} holds pickled objects other than tensors and plain data; it is refused, since "
                          f"loading those can run code (this project reads {what}s with weights_only=True)") from None
-    except (RuntimeError, EOFError, KeyError, zipfile.BadZipFile, OSError) as e:
+    except (RuntimeError, EOFError, KeyError, IndexError, UnicodeDecodeError, zipfile.BadZipFile, OSError) as e:
         detail = " ".join(str(e).split())[:120]
         raise ValueError(f"{path} is truncated or corrupt, not a readable {what} ({type(e).__name__}: "
                          f"{detail})") from None

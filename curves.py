@@ -47,7 +47,7 @@ def score(path, args, device, extractor, datasets):
     if args.compile if args.compile is not None else device.type == "cuda":
         net.compile_blocks()
         with torch.inference_mode():
-            method.warm_up(net, min(args.batch_size, args.n), method.channels)
+            method.warm_up(net, min(args.batch_size, args.n))
     start = time.time()
     images = [to_uint8_images(x) for _, x in sample.generate_batches(method, net, 0, args.n, steps=args.steps,
                                                                      batch_size=min(args.batch_size, args.n))]

@@ -103,22 +103,21 @@ class ScaleSpaceMethod:
         """The steps of a batch of n on a path."""
         return torch.full((n,), path.step, dtype=torch.long)
 
-    def sample(self, model, n, channels, steps=None, sampler="ancestral", noise=None, y=None, cfg_scale=1.0,
-               record=()):
+    def sample(self, model, n, steps=None, sampler="ancestral", noise=None, y=None, cfg_scale=1.0, record=()):
         denoise = ssd.network_denoiser(model, self.ss, y, cfg_scale, self.parameterisation)
-        return ssd.sample(denoise, self.ss, n, channels, steps, sampler, noise, record)
+        return ssd.sample(denoise, self.ss, n, self.channels, steps, sampler, noise, record)
 
     def gflops(self, model, path):
         in_res, out_res = map(int, path.name.split("->"))
         return path_gflops(model, in_res, out_res)
 
-    def warm_up(self, model, n, channels, y=None, cfg_scale=1.0):
+    def warm_up(self, model, n, y=None, cfg_scale=1.0):
         """Run the network once on every path, so that compilation happens before sampling is timed."""
         denoise = ssd.network_denoiser(model, self.ss, y, cfg_scale, self.parameterisation)
         device = next(model.parameters()).device
         for path in self.paths:
             res = self.ss.res(path.step)
-            denoise(torch.zeros(n, channels, res, res, device=device), path.step)
+            denoise(torch.zeros(n, self.channels, res, res, device=device), path.step)
         return len(self.paths)
 
 

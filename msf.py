@@ -220,17 +220,16 @@ class MSFMethod:
     def path_steps(self, path, n):
         return torch.zeros((n, 2), dtype=torch.long)
 
-    def sample(self, model, n, channels, steps=None, sampler="ancestral", noise=None, y=None, cfg_scale=1.0,
-               record=()):
+    def sample(self, model, n, steps=None, sampler="ancestral", noise=None, y=None, cfg_scale=1.0, record=()):
         if record:
             raise ValueError("--progression shows the states of one scale-space chain; an MSF checkpoint samples two "
                              "separate chains: draw a grid or --outdir instead")
-        return sample(model, self.ss_base, self.ss, n, channels, steps, sampler, noise, y, cfg_scale)
+        return sample(model, self.ss_base, self.ss, n, self.channels, steps, sampler, noise, y, cfg_scale)
 
     def gflops(self, model, path):
         return model.gflops()
 
-    def warm_up(self, model, n, channels, y=None, cfg_scale=1.0):
+    def warm_up(self, model, n, y=None, cfg_scale=1.0):
         """Two steps of each stage run both networks on every shape they see."""
-        self.sample(model, n, channels, steps=2, y=y, cfg_scale=cfg_scale)
+        self.sample(model, n, steps=2, y=y, cfg_scale=cfg_scale)
         return 2

@@ -86,8 +86,8 @@ def draw(method, net, index, seed=0, steps=None, sampler="ancestral", classes=No
     classes[k mod len(classes)]."""
     device = next(net.parameters()).device
     y = classes[index % len(classes)].to(device) if classes is not None else None
-    return method.sample(net, len(index), method.channels, steps, sampler, seeded_noise((seed + index).to(device)),
-                         y, cfg_scale, record)
+    return method.sample(net, len(index), steps, sampler, seeded_noise((seed + index).to(device)), y, cfg_scale,
+                         record)
 
 
 def generate_batches(method, net, first, stop, seed=0, steps=None, sampler="ancestral", batch_size=128,
@@ -253,7 +253,7 @@ def prepare(args, device, batch_size, verbose=True):
         start = time.time()
         y = None if classes is None else classes[torch.arange(batch_size) % len(classes)].to(device)
         with torch.inference_mode():
-            paths = method.warm_up(net, batch_size, method.channels, y, args.cfg)
+            paths = method.warm_up(net, batch_size, y, args.cfg)
         if verbose:
             print(f"compiled {paths} paths in {time.time() - start:.0f} s")
     return method, net, labels, ckpt

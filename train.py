@@ -100,7 +100,6 @@ SETTINGS = {
         ("sample_steps", 100, "respaced sampling steps for the grids"),
     ],
 }
-DEFAULTS = {name: default for group in SETTINGS.values() for name, default, _ in group}
 TYPES = dict(data_dir=str, cache_dir=str, res=int, levels=int, transitions=str, transition_share=float, model=str,
              batch_size=int, micro_batch=int, lr=float, warmup=int, grad_clip=float, max_steps=int, compile=bool,
              cuda_graphs=bool, bf16=bool, wandb_project=str, snapshot_minutes=str)  # the settings whose default is None
@@ -132,16 +131,13 @@ def apply_presets(cfg):
             cfg[key] = value
     if cfg["method"] in ("ddpm_x0", "ddpm_eps"):
         cfg["flexi"] = False  # DDPM runs the full ADM UNet
-    if isinstance(cfg["snapshot_minutes"], str):
-        try:
-            cfg["snapshot_minutes"] = sorted(float(m) for m in cfg["snapshot_minutes"].split(","))
-        except ValueError:
-            raise ValueError(f"--snapshot_minutes {cfg['snapshot_minutes']!r}: give minutes, e.g. 1,2,4,8") from None
-    if isinstance(cfg["transitions"], str):
-        try:
-            cfg["transitions"] = [int(t) for t in cfg["transitions"].split(",")]
-        except ValueError:
-            raise ValueError(f"--transitions {cfg['transitions']!r}: give increasing steps, e.g. 438,750,937") from None
+    for key, kind, example in (("transitions", int, "increasing steps, e.g. 438,750,937"),
+                               ("snapshot_minutes", float, "minutes, e.g. 1,2,4,8")):
+        if isinstance(cfg[key], str):  # a comma list on the command line
+            try:
+                cfg[key] = [kind(part) for part in cfg[key].split(",")]
+            except ValueError:
+                raise ValueError(f"--{key} {cfg[key]!r}: give {example}") from None
     device = pick_device(cfg["device"])
     cfg["device"] = str(device)
     cuda = device.type == "cuda"
@@ -213,8 +209,6 @@ class Run:
     gens: dict                 # generators: "shared" (each step's path, alike on every rank), "local" (images, steps,
                                # flips, labels), "noise" (the forward process's noise, on the device)
     device: torch.device
-    channels: int
-    num_classes: int
     rank: int = 0
     world: int = 1
     step: int = 0
@@ -232,8 +226,7 @@ class Run:
 def build_run(cfg, data, rank=0, world=1, device=torch.device("cpu")):
     """The method, the model with its EMA and optimiser, and the generators. The initial weights are set by --seed,
     alike on every rank."""
-    num_classes = data.num_classes if cfg["class_cond"] else 0
-    spec = method_spec(cfg, data.channels, num_classes)
+    spec = method_spec(cfg, data.channels, data.num_classes if cfg["class_cond"] else 0)
     method = methods.from_spec(spec)
     torch.manual_seed(cfg["seed"])
     model = method.build_model().to(device)
@@ -250,7 +243,7 @@ def build_run(cfg, data, rank=0, world=1, device=torch.device("cpu")):
     # No autocast weight cache: a CUDA graph must not capture casts that are reused across steps.
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg["bf16"], cache_enabled=False)
     return Run(spec, method, model, ema, opt, PathGraphs(list(model.parameters())) if cfg["cuda_graphs"] else None,
-               Monitor(model), autocast, gens, device, data.channels, num_classes, rank, world)
+               Monitor(model), autocast, gens, device, rank, world)
 
 
 def train_step(run, cfg, x0, t, y=None):
@@ -313,10 +306,10 @@ def update_ema(ema, params, decay, step):
 
 def with_null_labels(run, cfg, y):
     """Class labels with a share replaced by the null label (classifier-free guidance); None when unconditional."""
-    if not run.num_classes:
+    if not run.method.num_classes:
         return None
     drop = (torch.rand(y.shape[0], generator=run.gens["local"]) < cfg["label_dropout"]).to(y.device)
-    return torch.where(drop, torch.full_like(y, run.num_classes), y)
+    return torch.where(drop, torch.full_like(y, run.method.num_classes), y)
 
 
 def compile_paths(run, cfg, data):
@@ -325,7 +318,7 @@ def compile_paths(run, cfg, data):
     states = rng_states(run.gens, run.device)
     per_rank = cfg["batch_size"] // run.world
     x0, y = get_batch(data, per_rank, torch.Generator().manual_seed(0), run.device)
-    y = y if run.num_classes else None  # as in training: labels of an unconditional run would recompile
+    y = y if run.method.num_classes else None  # as in training: labels of an unconditional run would recompile
     start = time.time()
     for path in tqdm(run.method.paths, desc="compiling every path", disable=run.rank > 0, leave=False):
         accumulate_gradients(run, cfg, x0, run.method.path_steps(path, per_rank), y)
@@ -381,8 +374,8 @@ MODEL_SETTINGS = ("dataset", "res", "method", "levels", "schedule", "gamma", "tr
 def save_samples(run, cfg):
     """A grid of EMA samples, image k from noise seed k, so that the grids of a run compare across steps."""
     n = cfg["sample_n"]
-    labels = torch.arange(n, device=run.device) % run.num_classes if run.num_classes else None
-    x = run.method.sample(run.ema, n, run.channels, cfg["sample_steps"],
+    labels = torch.arange(n, device=run.device) % run.method.num_classes if run.method.num_classes else None
+    x = run.method.sample(run.ema, n, cfg["sample_steps"],
                           noise=seeded_noise(torch.arange(n, device=run.device)), y=labels)
     path = os.path.join(cfg["out_dir"], f"samples_{run.step:07d}.png")
     save_grid(x, path)
@@ -452,7 +445,7 @@ def main(argv=None):
     bar = tqdm(total=cfg["max_steps"], initial=run.step, desc="training", disable=not master, dynamic_ncols=True)
     window, history, kept = Window(), {}, run.step if cfg["resume"] else None
     base, start = run.train_seconds, time.time()  # the clock: training so far, then this process's
-    snapshots = [m for m in cfg["snapshot_minutes"] or () if 60 * m > base]
+    snapshots = sorted(m for m in cfg["snapshot_minutes"] or () if 60 * m > base)
     while run.step < cfg["max_steps"]:
         t = run.method.draw_steps(per_rank, run.gens["shared"], run.gens["local"])  # one path for the whole batch
         x0, y = get_batch(data, per_rank, run.gens["local"], device)

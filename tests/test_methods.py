@@ -55,7 +55,7 @@ def test_a_spec_is_plain_data_that_rebuilds_its_method(name):
         example = method.example(x0, method.path_steps(path, 3), noise)
         loss = method.loss(model, example)
         assert loss.shape == (3,) and torch.isfinite(loss).all()
-    assert method.sample(model, 2, 1, steps=4).shape == (2, 1, 16, 16)
+    assert method.sample(model, 2, steps=4).shape == (2, 1, 16, 16)
     assert isinstance(method, msf.MSFMethod) == (name == "msf")
 
 

@@ -423,7 +423,7 @@ def test_corrupt_image_in_a_folder_is_named(tmp_path):
     messages = [str(w.message) for w in warned]
     assert any("skipped 1 unreadable images of 4" in m and "broken.jpg" in m for m in messages)
     assert any("only 3 images" in m for m in messages)  # too few to learn more than copies
-    assert run.channels == 3
+    assert run.method.channels == 3
     with pytest.warns(UserWarning, match="only 3 images"), \
             pytest.raises(ValueError, match="--class_cond True needs class labels and folder has none"):
         train.main(argv + ["--class_cond", "True", "--out_dir", str(tmp_path / "cond")])
