@@ -98,6 +98,11 @@ class Separable:
             self._cache["eig"] = (v_h, lam_h.clamp(min=0), v_w, lam_w.clamp(min=0))
         return self._cache["eig"]
 
+    def largest_gram_eigenvalue(self):
+        """lambda_max(R R^T) = lambda_max(A_h A_h^T) lambda_max(A_w A_w^T), the eigenvalues of a Kronecker product
+        being the products of its factors'."""
+        return float(torch.linalg.eigvalsh(self.h @ self.h.T)[-1] * torch.linalg.eigvalsh(self.w @ self.w.T)[-1])
+
     def row_space_isometry(self):
         """Q = R^T (R R^T)^{-1/2}: an isometry (Q^T Q = I) from the output space onto the row space of R.
 
@@ -201,10 +206,13 @@ class ScaleSpace:
     x0-prediction, through the same code). `sizes` replaces the halving ladder by any decreasing list of sizes
     (e.g. the supplement's 1-pixel "gradual downsizing" 32, 31, 30, ...) with bilinear resizes between them.
     `transitions` replaces the level schedule by explicit steps (L-1 increasing steps in 1..T-1).
+    preserve_snr (project option, off in the paper): at each resolution change the signal is scaled by
+    g = 1/sqrt(lambda_max(R R^T)) (about 2 for a halving), so that the lowest frequencies keep their signal-to-noise
+    ratio across the change instead of losing a factor of about 4 (METHOD.md §1). Then a_t = g_{k(t)} sqrt(abar_t).
     """
 
     def __init__(self, res, levels, T=1000, schedule="convex", gamma=0.5, op="bilinear", noise="linear",
-                 sizes=None, transitions=None):
+                 sizes=None, transitions=None, preserve_snr=False):
         self.T, self.levels, self.op = T, levels, op
         self.sizes = list(sizes) if sizes is not None else self._halving_ladder(res, levels)
         if len(self.sizes) != levels or any(a <= b for a, b in zip(self.sizes, self.sizes[1:])):
@@ -215,10 +223,6 @@ class ScaleSpace:
                 or sorted(set(self.transitions)) != self.transitions:
             raise ValueError(f"need {levels - 1} increasing transition steps in 1..{T - 1}, got {self.transitions}")
 
-        abar = make_alphas_cumprod(T, noise)
-        self.abar, self._abar = abar, abar.tolist()
-        self.a, self.sigma = abar.sqrt(), (1 - abar).sqrt()
-        self.snr = abar / (1 - abar)
         self.level = torch.zeros(T, dtype=torch.long)
         for t in self.transitions:
             self.level[t:] += 1
@@ -230,6 +234,18 @@ class ScaleSpace:
         self.cumulative = [self.steps_down[0]]
         for step in self.steps_down[1:]:
             self.cumulative.append(step @ self.cumulative[-1])
+
+        abar = make_alphas_cumprod(T, noise)
+        self.abar, self.preserve_snr = abar, preserve_snr
+        # The signal coefficient of x_t: a_t = sqrt(abar_t), times the gain of its level.
+        self.gain = torch.ones(levels, dtype=torch.float64)
+        if preserve_snr:
+            self.gain = torch.cumprod(torch.tensor([1.0] + [step.largest_gram_eigenvalue() ** -0.5
+                                                            for step in self.steps_down[1:]], dtype=torch.float64), 0)
+        gain = self.gain[self.level]
+        self.a, self.sigma = abar.sqrt() * gain, (1 - abar).sqrt()
+        self.snr = abar * gain ** 2 / (1 - abar)
+        self._abar, self._gain = abar.tolist(), gain.tolist()  # python floats for the sampler's scalar algebra
 
     @staticmethod
     def _halving_ladder(res, levels):
@@ -298,9 +314,11 @@ class ScaleSpace:
     # --- reverse process ----------------------------------------------------
 
     def pair(self, t, s):
-        """(c, rho, R) for the step t -> s: c = sqrt(abar_t / abar_s), rho = sigma_s^2 / sigma_t^2 (METHOD.md §2)."""
-        abar = self._abar  # python floats: a sampling step does no tensor arithmetic on scalars
-        c = math.sqrt(abar[t] / abar[s])
+        """(c, rho, R) for the step t -> s: c = a_t / a_s (sqrt(abar_t / abar_s) inside a level, and without
+        preserve_snr), rho = sigma_s^2 / sigma_t^2 (METHOD.md §2). Python floats: a sampling step does no tensor
+        arithmetic on scalars."""
+        abar, gain = self._abar, self._gain
+        c = math.sqrt(abar[t] / abar[s]) * (gain[t] / gain[s])
         rho = (1 - abar[s]) / (1 - abar[t])
         return c, rho, self.operator_between(self._level[s], self._level[t])
 

@@ -54,6 +54,8 @@ SETTINGS = {
         ("transitions", None, "explicit transition steps instead of the schedule, e.g. 438,750,937"),
         ("op", "bilinear", "downsampling operator: bilinear (antialiased, the paper's) or box"),
         ("noise", "linear", "noise schedule: linear (the paper's) or cosine"),
+        ("preserve_snr", False, "scale the signal at each resolution change so that the lowest frequencies keep "
+                                "their SNR (METHOD.md §1; not the paper's)"),
         ("T", 1000, "diffusion steps"),
         ("min_snr", 5.0, "Min-SNR-gamma loss weight"),
         ("transition_share", None, "share of batches on resolution-changing steps (None: the paper's, (L-1)/T)"),
@@ -183,8 +185,8 @@ def method_spec(cfg, channels, num_classes):
     if cfg["method"] == "msf":
         base, residual = msf.msf_configs(cfg["model"], cfg["res"], channels, cfg["msf_factor"], **options)
         return msf.msf_spec(base, residual, cfg["T"], cfg["noise"], cfg["min_snr"])
-    scale_space = dict(res=cfg["res"], levels=cfg["levels"], T=cfg["T"], schedule=cfg["schedule"], gamma=cfg["gamma"],
-                       op=cfg["op"], noise=cfg["noise"], transitions=cfg["transitions"])
+    scale_space = {key: cfg[key] for key in ("res", "levels", "T", "schedule", "gamma", "op", "noise", "transitions",
+                                             "preserve_snr")}
     scale_space["transitions"] = ScaleSpace(**scale_space).transitions  # checks the ladder, and records it
     make = paper_config if cfg["model"] == "paper" else tiny_config
     unet = make(cfg["res"], cfg["levels"], in_channels=channels, flexi=cfg["flexi"], **options)
@@ -365,9 +367,9 @@ def restore(run, cfg, ckpt):
 
 
 # The settings the spec is made of: named when a resumed run differs in them.
-MODEL_SETTINGS = ("dataset", "res", "method", "levels", "schedule", "gamma", "transitions", "op", "noise", "T",
-                  "min_snr", "transition_share", "msf_factor", "model", "flexi", "dropout", "qk_norm",
-                  "attention_fp32", "class_cond")
+MODEL_SETTINGS = ("dataset", "res", "method", "levels", "schedule", "gamma", "transitions", "op", "noise",
+                  "preserve_snr", "T", "min_snr", "transition_share", "msf_factor", "model", "flexi", "dropout",
+                  "qk_norm", "attention_fp32", "class_cond")
 
 
 @torch.no_grad()

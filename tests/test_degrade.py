@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from degrade import (ScaleSpace, Separable, box_matrix, downsample_operator, information_proxy,
                      level_transitions, make_alphas_cumprod, resize_matrix)
+from ssd import sampling_steps
 
 torch.manual_seed(0)
 
@@ -226,3 +227,93 @@ def test_posterior_step_keeps_the_marginal(t):
         wrong = ss.posterior_mean(xt, x_hat, t) + isotropic_noise(ss, xi, t, s)
         wrong_err = (torch.cov(wrong.flatten(1).T) / var - torch.eye(d, dtype=torch.float64)).abs().max()
         assert wrong_err > 0.5
+
+
+# -----------------------------------------------------------------------------
+# preserve_snr: the signal scaled at each resolution change (METHOD.md §1)
+
+
+def gains_from_dense(ss):
+    """The level gains computed here from dense matrices: the product of 1 / sqrt(lambda_max(R_j R_j^T))."""
+    gains = [1.0]
+    for step in ss.steps_down[1:]:
+        R = step.dense()
+        gains.append(gains[-1] / math.sqrt(float(torch.linalg.eigvalsh(R @ R.T)[-1])))
+    return gains
+
+
+@pytest.mark.parametrize("op", ["bilinear", "box"])
+def test_preserve_snr_gains_are_about_two_per_halving(op):
+    ss = ScaleSpace(16, 4, op=op, preserve_snr=True)
+    gains = gains_from_dense(ss)
+    assert torch.allclose(ss.gain, torch.tensor(gains, dtype=torch.float64), atol=1e-12)
+    ratios = [b / a for a, b in zip(gains, gains[1:])]
+    assert all(1.95 < r <= 2.0 + 1e-12 for r in ratios)  # exactly 2 for box, a little less for bilinear's borders
+    for t in range(ss.T):
+        assert float(ss.a[t]) == pytest.approx(gains[ss.level_of(t)] * math.sqrt(float(ss.abar[t])), rel=1e-12)
+    assert torch.equal(ScaleSpace(16, 4, op=op).gain, torch.ones(4, dtype=torch.float64))  # off: the paper's
+
+
+@pytest.mark.parametrize("op", ["bilinear", "box"])
+def test_preserve_snr_transition_covariances_stay_psd_and_the_lowest_frequency_keeps_its_snr(op):
+    """The chain behind the marginals exists: sigma_t^2 I - c^2 sigma_s^2 R R^T is PSD for every pair a sampler
+    visits (consecutive and respaced), and at a resolution change the top singular direction of R loses SNR at the
+    rate of an in-level step, not 4x faster."""
+    ss = ScaleSpace(16, 4, op=op, preserve_snr=True)
+    gains = gains_from_dense(ss)
+    pairs = {(t, t - 1) for t in range(1, ss.T)}
+    for steps in (250, 50, 12):
+        kept = sampling_steps(ss, steps)
+        pairs |= set(zip(kept, kept[1:]))
+    for t, s in sorted(pairs):
+        c, _, R = ss.pair(t, s)
+        signal_t = gains[ss.level_of(t)] * math.sqrt(float(ss.abar[t]))
+        signal_s = gains[ss.level_of(s)] * math.sqrt(float(ss.abar[s]))
+        assert c == pytest.approx(signal_t / signal_s, rel=1e-12)  # the mean of x_t given x_s is c R x_s
+        Rd = R.dense()
+        cov = float(ss.sigma[t]) ** 2 * torch.eye(Rd.shape[0], dtype=torch.float64) - \
+            c * c * float(ss.sigma[s]) ** 2 * Rd @ Rd.T
+        assert float(torch.linalg.eigvalsh(cov)[0]) > -1e-12, (t, s)
+    for t in ss.transitions:
+        c, _, R = ss.pair(t, t - 1)
+        top = float(torch.linalg.eigvalsh(R.dense() @ R.dense().T)[-1])
+        assert c * c * top == pytest.approx(float(ss.abar[t] / ss.abar[t - 1]), rel=1e-10)
+
+
+@pytest.mark.parametrize("t", [438, 750, 300])
+def test_preserve_snr_posterior_step_keeps_the_marginal(t):
+    """Monte Carlo, as for the paper's process: x_t ~ q(x_t|x_0), one step with the exact x_hat, x_s ~ q(x_s|x_0),
+    whose mean is g_s a_s R_{1:s} x_0 with the gains computed here."""
+    ss = ScaleSpace(8, 4, preserve_snr=True)
+    gains = gains_from_dense(ss)
+    s, n = t - 1, 50000
+    gen = torch.Generator().manual_seed(t)
+    x0 = torch.rand(1, 1, 8, 8, generator=gen, dtype=torch.float64) * 2 - 1
+    xt = ss.q_sample(x0.expand(n, -1, -1, -1), t,
+                     torch.randn(n, 1, ss.res(t), ss.res(t), generator=gen, dtype=torch.float64))
+    expected_t = gains[ss.level_of(t)] * math.sqrt(float(ss.abar[t])) * ss.degrade(x0, ss.level_of(t))[0]
+    assert ((xt.mean(0) - expected_t) / (float(ss.sigma[t]) / math.sqrt(n))).abs().max() < 5
+    x_hat = ss.degrade(x0, ss.level_of(s)).expand(n, -1, -1, -1)
+    xs = ss.p_step(xt, x_hat, t, xi=torch.randn(n, 1, ss.res(s), ss.res(s), generator=gen, dtype=torch.float64))
+    var = float(ss.sigma[s]) ** 2
+    expected_s = gains[ss.level_of(s)] * math.sqrt(float(ss.abar[s])) * x_hat[0]
+    z = (xs.mean(0) - expected_s) / math.sqrt(var / n)
+    cov_err = (torch.cov(xs.flatten(1).T) / var - torch.eye(ss.res(s) ** 2, dtype=torch.float64)).abs().max()
+    assert z.abs().max() < 5 and cov_err < 0.05
+
+
+@pytest.mark.parametrize("t,s", [(438, 437), (760, 700), (937, 600)])
+def test_preserve_snr_posterior_matches_dense_bayes(t, s):
+    ss = ScaleSpace(8, 4, preserve_snr=True)
+    x0 = rand_images(1, 8, 1)
+    xt = rand_images(1, ss.res(t), 1)
+    x_hat = ss.degrade(x0, ss.level_of(s))
+    mean, cov = dense_posterior(ss, x0, xt, t, s)
+    assert torch.allclose(ss.posterior_mean(xt, x_hat, t, s).flatten(), mean, atol=1e-9)
+    assert torch.allclose(noise_covariance(ss, t, s, ss.res(s)), cov, atol=1e-9)
+
+
+def test_preserve_snr_raises_the_loss_weight_of_the_small_levels():
+    paper, shifted = ScaleSpace(64, 4), ScaleSpace(64, 4, preserve_snr=True)
+    for t in (100, 500, 800, 990):
+        assert float(shifted.snr[t]) == pytest.approx(float(paper.snr[t]) * float(shifted.gain[paper.level_of(t)]) ** 2)

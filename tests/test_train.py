@@ -146,6 +146,7 @@ def test_class_conditional_run(tmp_path, cache_dir):
     (["--transition_share", "1"], {"8->16"}),  # every batch on the resolution-changing step
     (["--method", "ddpm_eps", "--levels", "1"], {"16->16"}),  # DDPM-eps on the full UNet: one level
     (["--qk_norm", "False", "--attention_fp32", "True"], {"16->16", "8->8", "8->16"}),  # the paper's attention
+    (["--preserve_snr", "True"], {"16->16", "8->8", "8->16"}),  # the signal scaled at the resolution change
 ])
 def test_options_train(tmp_path, cache_dir, args, paths):
     fit(tmp_path, cache_dir, "--max_steps", "4", "--log_every", "1", "--sample_every", "0", *args)
