@@ -8,14 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from flexi_unet import Attention, UNet, paper_config, parameter_count, path_gflops, tiny_config
-
-
-def randomized(model, seed=0, std=0.2):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(std=std)
-    return model
+from helpers import randomized
 
 
 def inputs(res, batch=2, channels=3, seed=1):

@@ -8,17 +8,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from flexi_unet import Attention, UNet, tiny_config
+from helpers import randomized
 from monitor import (DIVERGENCE_FACTOR, Monitor, RunLog, Window, attention_logits, block_of, check_divergence,
                      json_safe)
-
-
-def randomized(model, seed=0, std=0.2):
-    """Random weights: the zero-initialised layers would make gradients and attention outputs vanish."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(std=std)
-    return model
 
 
 def inputs(res, batch=2, seed=1):
