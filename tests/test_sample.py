@@ -188,3 +188,8 @@ def test_cli_errors_are_one_line(tmp_path):
     result = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path)], cwd=REPO, capture_output=True,
                             text=True)
     assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_defaults_fit_a_cpu():
+    """100 respaced steps unless told (the paper's 1000 only when asked)."""
+    assert sample.parse_args([]).steps == 100 and sample.parse_args(["--steps", "1000"]).steps == 1000

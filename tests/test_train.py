@@ -537,3 +537,33 @@ def test_nan_gradients_behind_a_finite_loss_are_caught(tmp_path, cache_dir, monk
         fit(tmp_path, cache_dir, "--max_steps", "5", "--ckpt_every", "1")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values())
+
+
+def test_the_progress_bar_moves_every_step(tmp_path, cache_dir, monkeypatch):
+    """The bar counts every step (no sync needed), not only the log lines; compilation has its own bar."""
+    bars = []
+
+    class Bar:
+        def __init__(self, iterable=None, **kwargs):
+            self.iterable, self.kwargs, self.updates = iterable, kwargs, []
+            bars.append(self)
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def update(self, n=1):
+            self.updates.append(n)
+
+        def set_postfix_str(self, text):
+            pass
+
+        def write(self, text):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(train, "tqdm", Bar)
+    fit(tmp_path, cache_dir, "--max_steps", "5", "--log_every", "100", "--sample_every", "0")
+    training = [b for b in bars if b.kwargs.get("desc") == "training"]
+    assert len(training) == 1 and training[0].updates == [1] * 5 and training[0].kwargs["total"] == 5
