@@ -8,8 +8,8 @@ in one run on one GPU. Training times train.py's own step (train.train_step) on 
 
 Variants: "ssd" (the Flexi-UNet with L levels), "flexi1" (the same network at one level), "full" (the ADM UNet at
 full resolution, DDPM-x0) and "msf" (msf.py), each with optional suffixes that turn one thing off or on:
--eager (no torch.compile), -nograph (no CUDA graphs), -cl (channels-last), -paperattn (the paper's attention, no
-QK-norm), -fp32attn (the paper's attention in float32). Training time is measured per path and averaged with the
+-eager (no torch.compile), -nograph (no CUDA graphs, in training or sampling), -cl (channels-last), -paperattn
+(the paper's attention, no QK-norm), -fp32attn (the paper's attention in float32). Training time is measured per path and averaged with the
 share of batches each path gets (methods.py); compilation and warm-up are excluded, CUDA is synchronised, and each
 figure is the median of several repeats. Memory: "peak GB" is the most allocated at once; with CUDA graphs the
 recorded paths' activations live in the graphs' own pool, so "reserved GB" (all the process holds) is the figure
@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+import sample
 import train
 from common import parse_bool
 from data import ImageData, get_batch
@@ -95,16 +96,16 @@ def bench_training(run, cfg, data, args, peak):
                 peak_mem_gb=max(r["peak_mem_gb"] for r in rows), reserved_gb=max(r["reserved_gb"] for r in rows))
 
 
-@torch.no_grad()
-def bench_sampling(run, args):
-    """Sampling time of args.sample_batch images (untrained weights: speed only)."""
+@torch.inference_mode()  # as sample.py draws
+def bench_sampling(run, cfg, args):
+    """Sampling time of args.sample_batch images from the EMA network (untrained weights: speed only), compiled and
+    replayed as CUDA graphs as the variant trains (sample.py's defaults)."""
     n = args.sample_batch
     noise = seeded_noise(torch.arange(n, device=run.device))
-    draw = lambda steps: run.method.sample(run.model, n, steps, noise=noise)
-    start = time.time()
-    run.method.warm_up(run.model, n)  # compiles every inference path
+    draw = lambda steps: run.method.sample(run.ema, n, steps, noise=noise)
+    seconds = sample.speed_up(run.method, run.ema, n, compile=cfg["compile"], graphs=cfg["cuda_graphs"])
     torch.cuda.synchronize()
-    results = dict(compile_s=time.time() - start)
+    results = dict(compile_s=seconds or 0.0)
     for steps in args.sample_steps:
         seconds = timed(lambda: draw(steps), args.sample_repeats, 1)
         results[f"{steps}_steps_s"] = seconds
@@ -211,7 +212,7 @@ def main():
             if args.train:
                 row["train"] = bench_training(run, cfg, data, args, peak)
             if args.sample:
-                row["sample"] = bench_sampling(run, args)
+                row["sample"] = bench_sampling(run, cfg, args)
             if args.max_batch:
                 row["max_batch"] = largest_batch(run, cfg, data)
         del run

@@ -1,5 +1,6 @@
 """
-CUDA graphs for the training step: the forward and backward of each small path recorded once, then replayed.
+CUDA graphs: the training step's forward and backward on each small path (PathGraphs), and the network's forward
+in sampling (ForwardGraphs), each recorded once, then replayed.
 
 One resolution pair per batch (METHOD.md §3) makes every step of a path the same kernels on tensors of the same
 shapes, so the host can issue a whole forward and backward with one call. Small paths are host-bound (the GPU
@@ -75,3 +76,51 @@ class PathGraphs:
             p.grad = None
         self.pool = self.grad_buffers = None
         torch.cuda.empty_cache()
+
+
+class ForwardGraphs:
+    """A network's forward without gradients, one graph per input signature (shapes, output resolution, which of
+    the labels and conditioning are given), recorded at its first call.
+
+    A sampler calls the network at every step of a resolution level with the same shapes, so each level replays
+    one graph: the host issues a whole forward with one call instead of some hundred kernels, which matters at the
+    low resolutions, where the GPU would wait for the host. All graphs share one memory pool, since one runs at a
+    time, and each output is copied out before the next replay overwrites it."""
+
+    def __init__(self, forward):
+        self.forward = forward  # forward(x, t, out_res, y, cond), the network's own
+        self.graphs = {}
+        self.pool = None
+
+    def __call__(self, x, t, out_res, y=None, cond=None):
+        inputs = [v for v in (x, t, y, cond) if v is not None]
+        key = (out_res, y is None, cond is None, torch.is_autocast_enabled("cuda"),
+               *((tuple(v.shape), v.dtype) for v in inputs))
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(x, t, out_res, y, cond)
+        graph, static, out = self.graphs[key]
+        for target, value in zip(static, inputs):
+            target.copy_(value)
+        graph.replay()
+        return out.clone()
+
+    def capture(self, x, t, out_res, y, cond):
+        """Two warm-up calls on a side stream (cuDNN's algorithm search, compilation), then the recording. Autocast's
+        cache of bf16 weights is off: a cast cached outside the graph would be freed while the graph still reads it,
+        so every cast must be recorded with the rest."""
+        with torch.inference_mode(False):  # plain tensors, which replays can copy into in any grad mode
+            static = [None if v is None else v.clone() for v in (x, t, y, cond)]
+        autocast = torch.autocast("cuda", torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
+                                  cache_enabled=False)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), autocast:
+            for _ in range(2):
+                self.forward(static[0], static[1], out_res, static[2], static[3])
+        torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool), autocast:
+            out = self.forward(static[0], static[1], out_res, static[2], static[3])
+        return graph, [v for v in static if v is not None], out

@@ -44,10 +44,7 @@ def score(path, args, device, extractor, datasets):
     key = (cfg["dataset"], cfg["res"], args.data_dir or cfg["data_dir"], cfg["cache_dir"])
     if key not in datasets:  # one reference per dataset and resolution
         datasets[key] = load_dataset(*key)
-    if args.compile if args.compile is not None else device.type == "cuda":
-        net.compile_blocks()
-        with torch.inference_mode():
-            method.warm_up(net, min(args.batch_size, args.n))
+    sample.speed_up(method, net, min(args.batch_size, args.n), None, 1.0, *sample.accelerations(args, device))
     start = time.time()
     images = [to_uint8_images(x) for _, x in sample.generate_batches(method, net, 0, args.n, steps=args.steps,
                                                                      batch_size=min(args.batch_size, args.n))]
@@ -97,6 +94,8 @@ def main(argv=None):
     p.add_argument("--cache_dir", default="cache", help="where the reference statistics are cached")
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", type=parse_bool, help="torch.compile the network (default: on CUDA)")
+    p.add_argument("--cuda_graphs", type=parse_bool, help="replay the sampling forwards as CUDA graphs (default: on "
+                                                         "CUDA)")
     p.add_argument("--out", default=os.path.join("out", "curves"), help="folder for curves.md, .json and .png")
     args = p.parse_args(argv)
     if args.n < 2 or args.steps < 1:

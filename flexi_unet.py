@@ -42,6 +42,7 @@ import torch
 import torch._dynamo
 import torch.nn as nn
 import torch.nn.functional as F
+from cuda_graphs import ForwardGraphs
 from degrade import ScaleSpace
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -264,6 +265,7 @@ class UNet(nn.Module):
 
         self.head = nn.Sequential(nn.GroupNorm(cfg.norm_groups, widths[0]), nn.SiLU(),
                                   zero_init(nn.Conv2d(widths[0], cfg.in_channels, 3, padding=1)))
+        self.graphs = None  # recorded sampling forwards, once record_graphs() is called
 
     def compile_blocks(self, **options):
         """Regional compilation: torch.compile each block (residual block, attention, upsample) on its own.
@@ -276,6 +278,12 @@ class UNet(nn.Module):
         for module in self.modules():
             if isinstance(module, Block):
                 module.compile(dynamic=False, **options)  # options: torch.compile's (tests use a fast backend)
+        return self
+
+    def record_graphs(self):
+        """Sampling: from now on every CUDA forward without gradients replays a CUDA graph, one per input signature,
+        recorded at its first call (cuda_graphs.ForwardGraphs). Training forwards, and CPU ones, run as before."""
+        self.graphs = ForwardGraphs(self.network)
         return self
 
     def first_skip(self, level):
@@ -308,6 +316,11 @@ class UNet(nn.Module):
     def forward(self, x, t, out_res, y=None, cond=None):
         """x: (B, C, r, r); t: (B,) int64 in 0..T-1; out_res: r or 2r (python int); y: (B,) labels or None;
         cond: (B, cond_channels, r, r) when the config has cond_channels, concatenated to x."""
+        if self.graphs is not None and x.is_cuda and not torch.is_grad_enabled():
+            return self.graphs(x, t, out_res, y, cond)  # a replay of self.network, recorded at its first call
+        return self.network(x, t, out_res, y, cond)
+
+    def network(self, x, t, out_res, y=None, cond=None):
         B, C, H, W = x.shape
         if C != self.config.in_channels or H != W:
             raise ValueError(f"input of shape {tuple(x.shape)}: this model takes square images with "

@@ -99,6 +99,11 @@ class MSF(nn.Module):
         self.residual.compile_blocks()
         return self
 
+    def record_graphs(self):
+        self.base.record_graphs()
+        self.residual.record_graphs()
+        return self
+
     def gflops(self):
         """Forward GFLOPs per image for one step of each stage: sampling with `steps` steps costs steps x this."""
         low = self.res // self.factor

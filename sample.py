@@ -207,6 +207,8 @@ def parse_args(argv=None):
     p.add_argument("--dataset", help="a released checkpoint under another name: celeba or imagenet")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     p.add_argument("--compile", type=parse_bool, help="torch.compile the network (default: on CUDA)")
+    p.add_argument("--cuda_graphs", type=parse_bool, help="replay each resolution's network forward as a CUDA graph "
+                                                         "(default: on CUDA)")
     args = p.parse_args(argv)
     check_args(p, args)
     return args
@@ -248,15 +250,35 @@ def prepare(args, device, batch_size, verbose=True):
         raise ValueError(f"--steps {args.steps}: the model has T = {method.ss.T} steps; give at most {method.ss.T}")
     labels = parse_labels(args.label) if args.label else None
     classes = class_labels(method, labels, args.cfg)  # a wrong label fails now, not after compiling
-    if device.type == "cuda" if args.compile is None else args.compile:
-        net.compile_blocks()  # regional compilation: every resolution path reuses the compiled blocks
-        start = time.time()
-        y = None if classes is None else classes[torch.arange(batch_size) % len(classes)].to(device)
-        with torch.inference_mode():
-            paths = method.warm_up(net, batch_size, y, args.cfg)
-        if verbose:
-            print(f"compiled {paths} paths in {time.time() - start:.0f} s")
+    y = None if classes is None else classes[torch.arange(batch_size) % len(classes)].to(device)
+    seconds = speed_up(method, net, batch_size, y, args.cfg, *accelerations(args, device))
+    if verbose and seconds is not None:
+        print(f"compiled and recorded every path in {seconds:.0f} s")
     return method, net, labels, ckpt
+
+
+def accelerations(args, device):
+    """(compile, CUDA graphs) as asked, each on by default on CUDA."""
+    cuda = device.type == "cuda"
+    if args.cuda_graphs and not cuda:
+        raise ValueError(f"--cuda_graphs True needs a CUDA device, and this run is on {device}: drop the flag")
+    return (cuda if args.compile is None else args.compile), (cuda if args.cuda_graphs is None else args.cuda_graphs)
+
+
+def speed_up(method, net, batch_size, y=None, cfg_scale=1.0, compile=True, graphs=True):
+    """Compile the network block by block and record its sampling forwards as CUDA graphs, as asked; every path then
+    runs once at batch_size, so that both happen here and not in the first timed batch. Sampling must then use
+    batch_size (generate_batches pads the last batch to it). Returns the seconds taken, or None if nothing was asked."""
+    if not (compile or graphs):
+        return None
+    if compile:
+        net.compile_blocks()  # regional compilation: every resolution path reuses the compiled blocks
+    if graphs:
+        net.record_graphs()  # one graph per resolution path: a step is one launch
+    start = time.time()
+    with torch.inference_mode():
+        method.warm_up(net, batch_size, y, cfg_scale)
+    return time.time() - start
 
 
 def draw_picture(args, device):

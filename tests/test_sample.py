@@ -190,6 +190,39 @@ def test_cli_errors_are_one_line(tmp_path):
     assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_graphs_on_a_cpu_are_refused(ckpt, tmp_path):
+    with pytest.raises(ValueError, match="--cuda_graphs True needs a CUDA device"):
+        sample.main(["--ckpt", ckpt, "--cuda_graphs", "True", "--device", "cpu", "--out", str(tmp_path / "g.png")])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("extra", [(), ("--class_cond", "True"), ("--method", "msf")])
+def test_replayed_sampling_draws_the_same_images(tmp_path, data_cache, extra):
+    """The recorded forwards give the images of the plain network, batch after batch (inputs copied in, outputs
+    copied out), with and without guidance (two graphs per path) and for both MSF networks."""
+    path = train_tiny(tmp_path, data_cache, *extra)
+    cfg_scale = 2.0 if "--class_cond" in extra else 1.0
+    images = []
+    for graphs in (False, True):
+        method, net, _ = sample.load_model(path, "cuda")
+        classes = sample.class_labels(method, None, cfg_scale)
+        y = None if classes is None else classes[torch.arange(3) % len(classes)].cuda()
+        sample.speed_up(method, net, 3, y, cfg_scale, compile=False, graphs=graphs)
+        images.append(sample.generate(method, net, 7, steps=4, batch_size=3, cfg_scale=cfg_scale))
+    assert torch.allclose(images[0], images[1], atol=1e-5)
+
+
+def test_recording_leaves_cpu_and_gradient_forwards_alone(ckpt):
+    method, net, _ = sample.load_model(ckpt)
+    x, t = torch.randn(2, 1, RES, RES), torch.full((2,), 10)
+    expected = net(x, t, RES)
+    net.record_graphs()
+    with torch.no_grad():
+        assert torch.equal(net(x, t, RES), expected)
+    assert not net.graphs.graphs  # nothing was recorded on the CPU
+
+
 def test_defaults_fit_a_cpu():
     """100 respaced steps unless told (the paper's 1000 only when asked)."""
     assert sample.parse_args([]).steps == 100 and sample.parse_args(["--steps", "1000"]).steps == 1000
