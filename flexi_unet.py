@@ -65,7 +65,8 @@ class UNetConfig:
     flexi: bool = True                    # False = the "full UNet" ablation (and the DDPM baseline at levels=1)
     qk_norm: bool = False                 # RMS-normalise queries and keys per head (see Attention)
     attention_fp32: bool = False          # attention logits and softmax in float32 under bf16 autocast
-    upsample_into_full: bool = False      # the authors' route into full resolution (see UNet.forward)
+    upsample_into_full: bool = False      # the authors' route into full resolution (see UNet.network)
+    upsample_transitions: bool = False    # the same route at every resolution increase (project option)
 
     def __post_init__(self):
         # Tuples keep the config hashable, the key of the GFLOPs cache.
@@ -338,13 +339,16 @@ class UNet(nn.Module):
         emb = self.embed(t, y)
         if not self.config.flexi:
             return self.forward_full(x, emb, out_res)
-        if self.config.upsample_into_full and level_out == 0 < level_in:
+        if level_out < level_in and (self.config.upsample_transitions or self.config.upsample_into_full and
+                                     level_out == 0):
             # The authors' code routes the step into full resolution through the full-resolution path, on x_t
             # resized up bilinearly (antialias=True, which is plain bilinear when enlarging); their released weights
-            # were trained that way (official.py).
-            full = self.config.res
-            x = F.interpolate(x, size=(full, full), mode="bilinear", antialias=True, align_corners=False)
-            level_in = 0
+            # were trained that way (official.py). upsample_transitions does the same at every resolution increase:
+            # the step then runs the blocks of its output level's resolution-preserving path, which nearly every
+            # batch of that level trains, instead of a route that only the rare transition batches train.
+            size = out_res
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            level_in = level_out
 
         h = self.in_adapters[level_in](self.stem(x))
         skips = self.zero_skips(h, level_out, level_in)  # none unless the path increases the resolution

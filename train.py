@@ -67,6 +67,8 @@ SETTINGS = {
         ("dropout", 0.0, "dropout in the residual blocks"),
         ("qk_norm", True, "RMS-normalise attention queries and keys (METHOD.md §8); False: the paper's attention"),
         ("attention_fp32", False, "attention logits and softmax in float32 under bf16"),
+        ("upsample_transitions", False, "resolution-increasing steps run the output level's own path on x_t resized "
+                                        "up (METHOD.md §5; not the paper's); False: zero skips, as the paper"),
     ],
     "optimisation (presets: METHOD.md §8)": [
         ("batch_size", None, "global batch over all GPUs (None: paper model 128, 64 at 256 px; tiny 64)"),
@@ -181,7 +183,7 @@ def check_config(cfg):
 def method_spec(cfg, channels, num_classes):
     """The plain-data description of the method and its network (methods.py), which the checkpoint stores."""
     options = dict(dropout=cfg["dropout"], num_classes=num_classes, qk_norm=cfg["qk_norm"],
-                   attention_fp32=cfg["attention_fp32"])
+                   attention_fp32=cfg["attention_fp32"], upsample_transitions=cfg["upsample_transitions"])
     if cfg["method"] == "msf":
         base, residual = msf.msf_configs(cfg["model"], cfg["res"], channels, cfg["msf_factor"], **options)
         return msf.msf_spec(base, residual, cfg["T"], cfg["noise"], cfg["min_snr"])
@@ -369,7 +371,7 @@ def restore(run, cfg, ckpt):
 # The settings the spec is made of: named when a resumed run differs in them.
 MODEL_SETTINGS = ("dataset", "res", "method", "levels", "schedule", "gamma", "transitions", "op", "noise",
                   "preserve_snr", "T", "min_snr", "transition_share", "msf_factor", "model", "flexi", "dropout",
-                  "qk_norm", "attention_fp32", "class_cond")
+                  "qk_norm", "attention_fp32", "upsample_transitions", "class_cond")
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""The project options of the UNet: qk_norm, attention_fp32 and upsample_into_full (flexi_unet.py)."""
+"""The project options of the UNet: qk_norm, attention_fp32, upsample_into_full and upsample_transitions
+(flexi_unet.py)."""
 import copy
 import math
 from dataclasses import replace
@@ -220,11 +221,11 @@ def test_attention_fp32_runs_the_attention_in_float32_under_autocast():
 # upsample_into_full
 
 
-def pair(levels, seed=0):
-    """The same random weights with upsample_into_full off and on."""
+def pair(levels, seed=0, option="upsample_into_full"):
+    """The same random weights with the option off and on."""
     config = tiny_config(16, levels)
     ours = randomized(UNet(config), seed)
-    theirs = UNet(replace(config, upsample_into_full=True))
+    theirs = UNet(replace(config, **{option: True}))
     theirs.load_state_dict(ours.state_dict())
     return ours, theirs
 
@@ -253,6 +254,33 @@ def test_upsample_into_full_leaves_the_other_paths_alone(levels):
         for in_res, out_res in paths:
             x, t = inputs(in_res)
             assert torch.equal(theirs(x, t, out_res), ours(x, t, out_res)), (in_res, out_res)
+
+
+def test_upsample_transitions_runs_each_output_levels_own_path_on_the_upsampled_input():
+    """Every resolution increase, not only the one into full resolution, takes the route; the rest are unchanged."""
+    ours, routed = pair(3, option="upsample_transitions")
+    with torch.no_grad():
+        for in_res, out_res in ((8, 16), (4, 8)):
+            x, t = inputs(in_res)
+            out = routed(x, t, out_res)
+            torch.testing.assert_close(out, ours(bilinear_up(x, out_res), t, out_res), rtol=1e-6, atol=1e-6)
+            assert (out - ours(x, t, out_res)).abs().max() > 1e-2, (in_res, out_res)  # not the zero-skip route
+            assert path_gflops(routed, in_res, out_res) == pytest.approx(path_gflops(routed, out_res, out_res),
+                                                                         rel=1e-9)
+        for res in (16, 8, 4):
+            x, t = inputs(res)
+            assert torch.equal(routed(x, t, res), ours(x, t, res)), res
+
+
+def test_upsample_transitions_trains_through_train_py(tmp_path):
+    """The setting reaches the network, is stored in the checkpoint's spec, and a resumed run must repeat it."""
+    import train
+    argv = ["--out_dir", str(tmp_path), "--res", "16", "--max_steps", "2", "--batch_size", "4", "--sample_every", "0",
+            "--transition_share", "1.0", "--cache_dir", str(tmp_path / "cache")]
+    run = train.main(argv + ["--upsample_transitions", "True"])
+    assert run.model.config.upsample_transitions and run.spec["unet"]["upsample_transitions"]
+    with pytest.raises(ValueError, match="upsample_transitions: checkpoint True vs now False"):
+        train.main(argv + ["--max_steps", "3", "--resume", "True"])
 
 
 def test_bilinear_antialias_is_plain_bilinear_when_enlarging():
