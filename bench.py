@@ -5,6 +5,7 @@ in one run on one GPU. Training times train.py's own step (train.train_step) on 
     python bench.py --res 64 --levels 4                 # SSD 4L vs the 1-level Flexi-UNet vs the full ADM UNet
     python bench.py --res 256 --levels 6 --sample False --max_batch True
     python bench.py --variants ssd,ssd-eager,ssd-paperattn --sample False   # before/after in the same run
+    python bench.py --variants ssd,full --sample False --roofline True      # where each path's time goes
 
 Variants: "ssd" (the Flexi-UNet with L levels), "flexi1" (the same network at one level), "full" (the ADM UNet at
 full resolution, DDPM-x0) and "msf" (msf.py), each with optional suffixes that turn one thing off or on:
@@ -26,6 +27,7 @@ import time
 import numpy as np
 import torch
 
+import roofline
 import sample
 import train
 from common import parse_bool
@@ -70,12 +72,14 @@ def timed(fn, repeats, iters):
     return statistics.median(times)
 
 
-def bench_training(run, cfg, data, args, peak):
+def bench_training(run, cfg, data, args, peak, ceiling=None):
+    """Each path's training step timed; with a ceiling (roofline.ceilings) also its work and kernels by kind."""
     batch = cfg["batch_size"]
     compile_s = train.compile_paths(run, cfg, data)
     print(f"  compiled the training paths in {compile_s:.0f} s", flush=True)
     x0, y = get_batch(data, batch, torch.Generator().manual_seed(0), run.device)
-    rows, avg_time, avg_flops = [], 0.0, 0.0
+    eager = train.build_run(eager_config(cfg), data, device=run.device) if ceiling else None
+    rows, where, avg_time, avg_flops = [], [], 0.0, 0.0
     for path in run.method.paths:
         t = run.method.path_steps(path, batch)
         step = lambda: train.train_step(run, cfg, x0, t)
@@ -89,11 +93,22 @@ def bench_training(run, cfg, data, args, peak):
                          peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30,
                          reserved_gb=torch.cuda.max_memory_reserved() / 2 ** 30))
         print(f"  {path.name}: {1000 * seconds:.1f} ms/step, {rows[-1]['mfu'] * 100:.1f}% MFU", flush=True)
+        if ceiling:
+            eager_step = lambda: train.train_step(eager, eager_config(cfg), x0, t)
+            eager_step()  # the optimiser's state exists from here on, as in training
+            where.append(roofline.row(path.name, flops, roofline.unfused_bytes(eager_step),
+                                      *roofline.kernel_times(step), ceiling))
         avg_time += path.share * seconds
         avg_flops += path.share * flops
     return dict(paths=rows, compile_s=compile_s, ms_per_step=1000 * avg_time, images_per_s=batch / avg_time,
                 tflops=avg_flops / avg_time / 1e12, mfu=avg_flops / avg_time / peak,
-                peak_mem_gb=max(r["peak_mem_gb"] for r in rows), reserved_gb=max(r["reserved_gb"] for r in rows))
+                peak_mem_gb=max(r["peak_mem_gb"] for r in rows), reserved_gb=max(r["reserved_gb"] for r in rows),
+                **(dict(roofline=where) if ceiling else {}))
+
+
+def eager_config(cfg):
+    """The variant's settings without compilation or CUDA graphs: every aten operation on its own (roofline.py)."""
+    return dict(cfg, compile=False, cuda_graphs=False)
 
 
 @torch.inference_mode()  # as sample.py draws
@@ -157,6 +172,10 @@ def markdown(results, args):
         lines += ["", "Largest power-of-two training batch per GPU on the most expensive path: " +
                   ", ".join(f"{name} {b}" for name, b in batches.items())]
     lines += [""] + [f"- {k}: {v:.2f}x" for k, v in results["ratios"].items()]
+    for name, r in results["variants"].items():
+        if "roofline" in r.get("train", {}):
+            ceiling = results["ceilings"]["matmul_tflops"], results["ceilings"]["copy_gbs"]
+            lines += ["", roofline.markdown(name, r["train"]["roofline"], ceiling)]
     return "\n".join(lines)
 
 
@@ -187,6 +206,8 @@ def main():
     parser.add_argument("--sample_steps", default="1000,250", help="comma list of sampling step counts")
     parser.add_argument("--sample_repeats", type=int, default=1)
     parser.add_argument("--max_batch", type=parse_bool, default=False, help="search the largest batch per GPU")
+    parser.add_argument("--roofline", type=parse_bool, default=False,
+                        help="also each path's FLOPs, bytes, floors and kernel time by kind (roofline.py)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--compile", type=parse_bool, default=None, help="as train.py: default on CUDA")
@@ -202,6 +223,9 @@ def main():
     peak = next((v for k, v in train.PEAK_BF16_FLOPS.items() if k in name), float("nan"))
     results = dict(device=name, date=time.strftime("%Y-%m-%d"), command="python " + " ".join(sys.argv),
                    torch=torch.__version__, peak_flops=peak, variants={})
+    ceiling = roofline.ceilings(torch.device("cuda")) if args.roofline else None
+    if ceiling:
+        results["ceilings"] = dict(matmul_tflops=ceiling[0], copy_gbs=ceiling[1])
     data = synthetic_data(args.res)
     for variant in args.variants.split(","):
         print(variant, flush=True)
@@ -210,7 +234,7 @@ def main():
             run = train.build_run(cfg, data, device=torch.device("cuda"))
             row = results["variants"][variant] = {}
             if args.train:
-                row["train"] = bench_training(run, cfg, data, args, peak)
+                row["train"] = bench_training(run, cfg, data, args, peak, ceiling)
             if args.sample:
                 row["sample"] = bench_sampling(run, cfg, args)
             if args.max_batch:

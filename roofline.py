@@ -1,0 +1,122 @@
+"""
+Where the time of a training step goes, path by path: the GPU's ceilings, the work a step must do, and the time its
+kernels take by kind. bench.py --roofline True measures it and writes the table beside its own.
+
+- Ceilings, measured in the same call: a large bf16 matrix product (TFLOP/s) and a large copy (GB/s, read + write).
+- Work: the step's FLOPs (3x the forward's, flexi_unet.path_gflops) and its bytes as an unfused run moves them:
+  every aten operation of an eager forward and backward reads its inputs and writes its outputs, views excluded.
+  A fused run moves less, so this bounds from above the traffic a perfect implementation needs.
+- Floors: the time each would take at its ceiling. A step cannot be faster than its FLOPs floor.
+- Measured: a few profiled steps, their GPU kernels sorted by kind (KINDS), per step; "host wait" is the step's wall
+  time less its kernels' time, when the GPU idles while the host issues work.
+"""
+import re
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+# (kind, pattern of the CUDA kernel's name): the first match names the kind.
+KINDS = [
+    ("attention", r"flash|fmha|attention|sdpa"),
+    ("layout", r"nchwToNhwc|nhwcToNchw|transpose|permute"),
+    ("conv and matmul", r"conv|xmma|cudnn|implicit_gemm|dgrad|wgrad|fprop|gemm|cutlass|nvjet|cublas"),
+    ("optimiser and EMA", r"multi_tensor|foreach|adam|lerp"),
+    ("Inductor reductions", r"^triton_(red|per)_"),
+    ("Inductor pointwise", r"^triton_"),
+    ("other", r""),
+]
+
+
+def kernel_kind(name):
+    return next(kind for kind, pattern in KINDS if re.search(pattern, name, re.IGNORECASE))
+
+
+def ceilings(device, size=8192, copy_bytes=2 ** 30):
+    """(matrix-product TFLOP/s, copy GB/s) of the GPU, each the best of several timed runs."""
+    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    x = torch.empty(copy_bytes // 4, device=device)
+    y = torch.empty_like(x)
+    matmul = 2 * size ** 3 / best_seconds(lambda: a @ b)
+    copy = 2 * copy_bytes / best_seconds(lambda: y.copy_(x))  # each byte read once and written once
+    return matmul / 1e12, copy / 1e9
+
+
+def best_seconds(fn, repeats=5, iters=10):
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1000 / iters)
+    return best
+
+
+class ByteCounter(TorchDispatchMode):
+    """Counts the bytes every aten operation reads (its tensor inputs) and writes (its outputs); views move none."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            self.bytes += sum(t.nbytes for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor))
+        return out
+
+
+def unfused_bytes(step):
+    """Bytes that step() moves when every aten operation runs on its own (run it on an eager network)."""
+    with ByteCounter() as counter:
+        step()
+    return counter.bytes
+
+
+def kernel_times(step, steps=3):
+    """Milliseconds per step of step()'s CUDA kernels by kind, and the wall time per step."""
+    step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+    times = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            times[kernel_kind(event.name)] += event.device_time_total / 1000 / steps  # microseconds -> ms
+    return dict(times), start.elapsed_time(end) / steps
+
+
+def row(path, flops, nbytes, kernels, wall_ms, ceiling):
+    """One path's line of the table: work, floors, and the measured time by kind (ms per step)."""
+    matmul_tflops, copy_gbs = ceiling
+    busy = sum(kernels.values())
+    matrix = kernels.get("conv and matmul", 0.0) + kernels.get("attention", 0.0)
+    return dict(path=path, gflop=flops / 1e9, gb=nbytes / 1e9, flops_floor_ms=flops / matmul_tflops / 1e9,
+                bytes_floor_ms=nbytes / copy_gbs / 1e6, wall_ms=wall_ms, kernels_ms=busy,
+                host_wait_ms=max(0.0, wall_ms - busy), matrix_tflops=flops / matrix / 1e9 if matrix else 0.0,
+                kinds=kernels)
+
+
+def markdown(variant, rows, ceiling):
+    kinds = [kind for kind, _ in KINDS]
+    lines = [f"Ceilings measured in this run: bf16 matrix product {ceiling[0]:.0f} TFLOP/s, copy {ceiling[1]:.0f} GB/s.",
+             "", f"| {variant} path | GFLOP/step | GB/step unfused | FLOPs floor ms | bytes floor ms | measured ms | "
+             "conv+matmul+attention TFLOP/s | " + " | ".join(f"{k} ms" for k in kinds) + " | host wait ms |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(kinds) + "---|"]
+    for r in rows:
+        cells = [f"{r['gflop']:,.0f}", f"{r['gb']:.1f}", f"{r['flops_floor_ms']:.1f}", f"{r['bytes_floor_ms']:.1f}",
+                 f"{r['wall_ms']:.1f}", f"{r['matrix_tflops']:.0f}"]
+        cells += [f"{r['kinds'].get(k, 0.0):.1f}" for k in kinds] + [f"{r['host_wait_ms']:.1f}"]
+        lines.append(f"| {r['path']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""roofline.py: kernels sorted by kind, bytes counted per aten operation, and the table's arithmetic (CPU)."""
+import pytest
+import torch
+
+import roofline
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "conv and matmul"),
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>", "layout"),
+    ("nvjet_tst_128x256_64x4_2x1_v_bz_coopB_TNT", "conv and matmul"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention"),
+    ("triton_red_fused_native_group_norm_silu_3", "Inductor reductions"),
+    ("triton_per_fused_native_group_norm_0", "Inductor reductions"),
+    ("triton_poi_fused_add_mul_silu_7", "Inductor pointwise"),
+    ("triton_poi_fused_clone_transpose_2", "layout"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimiser and EMA"),
+    ("Memcpy DtoD (Device -> Device)", "other"),
+])
+def test_kernels_are_sorted_by_kind(name, kind):
+    assert roofline.kernel_kind(name) == kind
+
+
+def test_bytes_count_reads_and_writes_and_no_views():
+    a = torch.randn(1000)
+    with roofline.ByteCounter() as counter:
+        b = a + a          # reads 2 x 4,000 bytes, writes 4,000
+        b.view(10, 100)    # a view: nothing moves
+    assert counter.bytes == 12_000
+
+
+def test_bytes_of_a_forward_and_backward_include_the_weights_and_their_gradients():
+    layer = torch.nn.Linear(256, 256)
+    x = torch.randn(8, 256, requires_grad=True)  # as a hidden layer's input: its gradient reads the weight again
+    step = lambda: layer(x).square().sum().backward()
+    moved = roofline.unfused_bytes(step)
+    weights = layer.weight.nbytes
+    assert moved > 3 * weights  # the weight read in the forward and the backward, its gradient written
+    assert moved < 20 * weights
+
+
+def test_a_row_puts_work_against_the_ceilings():
+    kernels = {"conv and matmul": 2.0, "attention": 0.5, "Inductor pointwise": 1.0}
+    r = roofline.row("64->64", flops=1e12, nbytes=4e9, kernels=kernels, wall_ms=4.0, ceiling=(1000.0, 4000.0))
+    assert r["flops_floor_ms"] == pytest.approx(1.0) and r["bytes_floor_ms"] == pytest.approx(1.0)
+    assert r["kernels_ms"] == pytest.approx(3.5) and r["host_wait_ms"] == pytest.approx(0.5)
+    assert r["matrix_tflops"] == pytest.approx(400.0)  # 1e12 FLOP in 2.5 ms of matrix and attention kernels
+    table = roofline.markdown("ssd", [r], (1000.0, 4000.0))
+    assert "| 64->64 | 1,000 | 4.0 | 1.0 | 1.0 | 4.0 | 400 |" in table
+
+
+def test_a_whole_training_step_is_counted(tmp_path):
+    """bench.py --roofline counts train.py's own step (forward, backward, clipping, AdamW, EMA) on an eager run."""
+    import bench
+    import train
+    from data import get_batch
+    cfg = bench.eager_config(train.parse_config(["--res", "16", "--batch_size", "4", "--out_dir", str(tmp_path)]))
+    data = bench.synthetic_data(16)
+    run = train.build_run(cfg, data)
+    x0, _ = get_batch(data, 4, torch.Generator().manual_seed(0), run.device)
+    t = run.method.path_steps(run.method.paths[0], 4)
+    step = lambda: train.train_step(run, cfg, x0, t)
+    step()
+    params = sum(p.nbytes for p in run.params)
+    assert roofline.unfused_bytes(step) > 10 * params  # AdamW alone reads and writes each parameter several times
