@@ -102,6 +102,13 @@ def tiny_config(res, levels, in_channels=3, **overrides):
     return UNetConfig(res=res, levels=levels, in_channels=in_channels, **settings)
 
 
+def memory_format(x):
+    """channels_last if x is stored channels-last, else contiguous_format (also when both fit, as for a 1x1 map)."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def zero_init(module):
     # ADM zero-initialises the last layer of every residual branch and the output conv: each block starts as
     # the identity and the network as a constant, which keeps early training stable.
@@ -189,8 +196,12 @@ class Upsample(nn.Module):
 
     def forward(self, x):
         # Nearest-neighbour 2x as a broadcast: its backward is a sum over each 2x2 cell, where the backward of
-        # F.interpolate(mode="nearest") scatters with atomic adds, which is slower.
+        # F.interpolate(mode="nearest") scatters with atomic adds, which is slower. The broadcast follows x's memory
+        # order, so a channels-last map stays channels-last (and cuDNN converts nothing).
         B, C, H, W = x.shape
+        if memory_format(x) is torch.channels_last:
+            h = x.permute(0, 2, 3, 1)[:, :, None, :, None].expand(B, H, 2, W, 2, C).reshape(B, 2 * H, 2 * W, C)
+            return self.conv(h.permute(0, 3, 1, 2))
         return self.conv(x[:, :, :, None, :, None].expand(B, C, H, 2, W, 2).reshape(B, C, 2 * H, 2 * W))
 
 
@@ -333,7 +344,7 @@ class UNet(nn.Module):
             if cond is None or cond.shape != (B, self.config.cond_channels, H, W):
                 raise ValueError(f"this model takes a conditioning input of shape {(B, self.config.cond_channels, H, W)}"
                                  f", got {None if cond is None else tuple(cond.shape)}")
-            x = torch.cat([x, cond.to(x.dtype)], dim=1)
+            x = torch.cat([x, cond.to(x.dtype).contiguous(memory_format=memory_format(x))], dim=1)
         elif cond is not None:
             raise ValueError("cond was given, but this model has cond_channels=0")
         emb = self.embed(t, y)
@@ -372,8 +383,9 @@ class UNet(nn.Module):
         """Zeros standing in for the skips of the levels above the entry that the output level's decoder consumes."""
         full, B = self.config.res, h.shape[0]
         indices = range(self.first_skip(level_out), self.first_skip(level_in))
-        return [h.new_zeros(B, self.skip_channels[i], full >> self.skip_levels[i], full >> self.skip_levels[i])
-                for i in indices]
+        return [torch.empty(B, self.skip_channels[i], full >> self.skip_levels[i], full >> self.skip_levels[i],
+                            dtype=h.dtype, device=h.device, memory_format=memory_format(h)).zero_()  # h's layout,
+                for i in indices]                                                              # which cat then keeps
 
     def encode(self, h, emb, start, skips):
         """Encoder from entry `start` down, pushing every output on `skips`, then the middle block."""

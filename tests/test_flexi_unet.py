@@ -6,8 +6,8 @@ import torch
 
 from degrade import ScaleSpace
 import torch.nn.functional as F
-from flexi_unet import (UNet, UNetConfig, Upsample, average_gflops, paper_config, parameter_count, path_gflops,
-                        tiny_config)
+from flexi_unet import (Block, UNet, UNetConfig, Upsample, average_gflops, memory_format, paper_config,
+                        parameter_count, path_gflops, tiny_config)
 
 
 def randomized(model, seed=0):
@@ -139,13 +139,30 @@ def test_regional_compilation_gives_eager_outputs_and_gradients_on_every_path():
             assert error < 1e-5, f"{in_res}->{out_res} {name}: relative error {error:.1e}"
 
 
-def test_channels_last_gives_the_same_output():
+@pytest.mark.parametrize("in_res, out_res", [(8, 16), (16, 16), (4, 4)])
+def test_channels_last_gives_the_same_output_and_stays_channels_last(in_res, out_res):
+    """Every block's output keeps the layout, zero skips and upsampling included: cuDNN has nothing to convert."""
     model = randomized(UNet(tiny_config(16, 3)))
-    x, t = inputs(8)
-    expected = model(x, t, 16)
+    x, t = inputs(in_res)
+    expected = model(x, t, out_res)
     model = model.to(memory_format=torch.channels_last)
-    out = model(x.to(memory_format=torch.channels_last), t, 16)
+    layouts = []
+    for block in model.modules():
+        if isinstance(block, (Block, Upsample)) or block in (model.stem, model.head):
+            block.register_forward_hook(lambda m, args, out: layouts.append(
+                (type(m).__name__, memory_format(out) is torch.channels_last or out.shape[-1] == 1)))
+    out = model(x.to(memory_format=torch.channels_last), t, out_res)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert layouts and all(kept for _, kept in layouts), [name for name, kept in layouts if not kept]
+
+
+def test_upsampling_follows_the_memory_order():
+    up = randomized(Upsample(8))
+    x = torch.randn(2, 8, 4, 4)
+    plain, last = up(x), up(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(last, plain, rtol=1e-5, atol=1e-6)
+    assert memory_format(last) is torch.channels_last and memory_format(plain) is torch.contiguous_format
+    torch.testing.assert_close(plain, up.conv(F.interpolate(x, scale_factor=2, mode="nearest")))
 
 
 def test_class_conditioning_and_null_label():
