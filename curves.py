@@ -6,6 +6,9 @@ images seen, one line per run, in one table and one plot.
     python train.py --dataset celeba --data_dir PATH --out_dir runs/ddpm_s0 --method ddpm_x0 --snapshot_minutes 1,2,4,8,16 ...
     python curves.py runs/ssd4_s0 runs/ddpm_s0 --n 2000 --steps 100 --data_dir PATH --max_ref 6000 --out out/curves
 
+Seeds of one setting are run folders named NAME_s<seed> (runs/ssd4_s0, runs/ssd4_s1): the summary table and the
+plot give each setting's mean FID over its seeds at each snapshot, with the range (the lowest and highest seed).
+
 Every snapshot is scored the same way: images 0 .. n-1 from fixed per-image seeds, the same sampler and steps,
 FID against the first max_ref training images (their statistics cached once per dataset and resolution). A
 snapshot's score is kept beside it (ema_<m>min.json), so a second call scores only the new snapshots (or all of
@@ -15,6 +18,8 @@ import argparse
 import glob
 import json
 import os
+import re
+import statistics
 import time
 
 import matplotlib
@@ -57,6 +62,34 @@ def score(path, args, device, extractor, datasets):
                 n=n, n_ref=n_ref, max_ref=args.max_ref, steps=args.steps, sampling_seconds=sampling)
 
 
+def setting_of(run):
+    """A run's setting: its folder name without the seed suffix (ssd4_s1 -> ssd4)."""
+    return re.sub(r"_s\d+$", "", run)
+
+
+def summary(rows):
+    """Per setting and snapshot: the number of seeds, the mean FID and its range, the mean images seen."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((setting_of(r["run"]), r["minutes"]), []).append(r)
+    out = []
+    for (setting, minutes), group in groups.items():
+        fids = [r["fid"] for r in group]
+        out.append(dict(setting=setting, method=group[0]["method"], minutes=minutes, seeds=len(group),
+                        fid=statistics.mean(fids), fid_min=min(fids), fid_max=max(fids),
+                        images_seen=statistics.mean(r["images_seen"] for r in group)))
+    return out
+
+
+def summary_table(settings):
+    lines = ["| setting | method | minutes | seeds | images seen | FID, mean | lowest - highest |",
+             "|---|---|---|---|---|---|---|"]
+    for r in settings:
+        lines.append(f"| {r['setting']} | {r['method']} | {r['minutes']:g} | {r['seeds']} | {r['images_seen']:,.0f} | "
+                     f"{r['fid']:.2f} | {r['fid_min']:.2f} - {r['fid_max']:.2f} |")
+    return "\n".join(lines)
+
+
 def table(rows):
     lines = ["| run | method | minutes | step | images seen | FID | sampling s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -65,13 +98,16 @@ def table(rows):
     return "\n".join(lines)
 
 
-def plot(rows, path):
+def plot(settings, rows, path):
+    """FID against training minutes and images seen: a setting's mean over its seeds, its range shaded."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for run in dict.fromkeys(r["run"] for r in rows):
-        mine = [r for r in rows if r["run"] == run]
-        label = f"{run} ({mine[0]['method']})"
-        axes[0].plot([r["train_seconds"] / 60 for r in mine], [r["fid"] for r in mine], "o-", label=label)
-        axes[1].plot([r["images_seen"] for r in mine], [r["fid"] for r in mine], "o-", label=label)
+    for setting in dict.fromkeys(r["setting"] for r in settings):
+        mine = [r for r in settings if r["setting"] == setting]
+        label = f"{setting} ({mine[0]['method']}, {max(r['seeds'] for r in mine)} seeds)"
+        for ax, x in zip(axes, ([r["minutes"] for r in mine], [r["images_seen"] for r in mine])):
+            line, = ax.plot(x, [r["fid"] for r in mine], "o-", label=label)
+            ax.fill_between(x, [r["fid_min"] for r in mine], [r["fid_max"] for r in mine], color=line.get_color(),
+                            alpha=0.2)
     for ax, xlabel in zip(axes, ("minutes of training", "images seen")):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -118,12 +154,14 @@ def main(argv=None):
                     json.dump(row, f, indent=1)
             rows.append(dict(row, run=os.path.basename(os.path.normpath(run))))
             print(f"{rows[-1]['run']} {row['minutes']:g} min (step {row['step']:,}): FID {row['fid']:.2f}")
+    settings = summary(rows)
     with open(os.path.join(args.out, "curves.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump(dict(runs=rows, settings=settings), f, indent=1)
+    text = summary_table(settings) + "\n\nEvery snapshot:\n\n" + table(rows)
     with open(os.path.join(args.out, "curves.md"), "w") as f:
-        f.write(table(rows) + "\n")
-    plot(rows, os.path.join(args.out, "curves.png"))
-    print(table(rows))
+        f.write(text + "\n")
+    plot(settings, rows, os.path.join(args.out, "curves.png"))
+    print(text)
 
 
 if __name__ == "__main__":

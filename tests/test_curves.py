@@ -54,7 +54,7 @@ def test_curves_score_every_snapshot_once_and_draw_the_table(tmp_path, cache_dir
     argv = [*runs, "--n", "6", "--steps", "4", "--batch_size", "4", "--max_ref", "16", "--cache_dir",
             str(tmp_path / "fid_cache"), "--out", str(tmp_path / "curves"), "--device", "cpu"]
     curves.main(argv)
-    rows = json.loads((tmp_path / "curves" / "curves.json").read_text())
+    rows = json.loads((tmp_path / "curves" / "curves.json").read_text())["runs"]
     assert [(r["run"], r["minutes"]) for r in rows] == [("ssd", 1e-9), ("ssd", 2e-9), ("ddpm", 1e-9), ("ddpm", 2e-9)]
     assert all(r["fid"] > 0 and r["n"] == 6 and r["n_ref"] == 16 for r in rows)
     assert {r["method"] for r in rows} == {"ssd", "ddpm_x0"}
@@ -64,6 +64,19 @@ def test_curves_score_every_snapshot_once_and_draw_the_table(tmp_path, cache_dir
     monkeypatch.setattr(curves, "score", lambda *args: scored.append(args) or {})
     curves.main(argv)  # every snapshot already has its score beside it: nothing is sampled again
     assert scored == []
+
+
+def test_seeds_of_a_setting_are_summarised_by_their_mean_and_range():
+    rows = [dict(run=run, method=method, minutes=m, fid=fid, images_seen=seen)
+            for run, method, m, fid, seen in (("ssd4_s0", "ssd", 1, 60.0, 100), ("ssd4_s1", "ssd", 1, 64.0, 110),
+                                              ("ssd4_s0", "ssd", 2, 40.0, 200), ("ddpm_s0", "ddpm_x0", 1, 50.0, 60))]
+    settings = curves.summary(rows)
+    assert [(r["setting"], r["minutes"], r["seeds"]) for r in settings] == [("ssd4", 1, 2), ("ssd4", 2, 1),
+                                                                             ("ddpm", 1, 1)]
+    first = settings[0]
+    assert (first["fid"], first["fid_min"], first["fid_max"], first["images_seen"]) == (62.0, 60.0, 64.0, 105)
+    assert "| ssd4 | ssd | 1 | 2 | 105 | 62.00 | 60.00 - 64.00 |" in curves.summary_table(settings)
+    assert curves.setting_of("my_run") == "my_run" and curves.setting_of("lr_s2_s10") == "lr_s2"
 
 
 def test_a_run_without_snapshots_is_named(tmp_path):
