@@ -1,8 +1,8 @@
 """
 Quality per training time: FID of every EMA snapshot of some runs, against the minutes of training and the
-images seen, one line per run, in one table and one plot.
+images seen, one line per setting, in tables and one plot.
 
-    python train.py --dataset celeba --data_dir PATH --out_dir runs/ssd4_s0 --snapshot_minutes 1,2,4,8,16 --max_steps 1000000
+    python train.py --dataset celeba --data_dir PATH --out_dir runs/ssd4_s0 --snapshot_minutes 1,2,4,8,16 --time_budget 16
     python train.py --dataset celeba --data_dir PATH --out_dir runs/ddpm_s0 --method ddpm_x0 --snapshot_minutes 1,2,4,8,16 ...
     python curves.py runs/ssd4_s0 runs/ddpm_s0 --n 2000 --steps 100 --data_dir PATH --max_ref 6000 --out out/curves
 
@@ -12,7 +12,8 @@ plot give each setting's mean FID over its seeds at each snapshot, with the rang
 Every snapshot is scored the same way: images 0 .. n-1 from fixed per-image seeds, the same sampler and steps,
 FID against the first max_ref training images (their statistics cached once per dataset and resolution). A
 snapshot's score is kept beside it (ema_<m>min.json), so a second call scores only the new snapshots (or all of
-them, if --n, --steps or --max_ref changed): runs can be extended, or added, and the table redrawn. Sampling time is reported apart from the training time.
+them, if --n, --steps or --max_ref changed): runs can be extended, or added, and the table redrawn. Sampling
+time is reported apart from the training time.
 """
 import argparse
 import glob
