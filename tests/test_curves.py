@@ -58,7 +58,12 @@ def test_curves_score_every_snapshot_once_and_draw_the_table(tmp_path, cache_dir
     assert [(r["run"], r["minutes"]) for r in rows] == [("ssd", 1e-9), ("ssd", 2e-9), ("ddpm", 1e-9), ("ddpm", 2e-9)]
     assert all(r["fid"] > 0 and r["n"] == 6 and r["n_ref"] == 16 for r in rows)
     assert {r["method"] for r in rows} == {"ssd", "ddpm_x0"}
-    assert (tmp_path / "curves" / "curves.png").is_file() and "| ssd | ssd |" in (tmp_path / "curves" / "curves.md").read_text()
+    text = (tmp_path / "curves" / "curves.md").read_text()
+    assert (tmp_path / "curves" / "curves.png").is_file() and "| ssd | ssd |" in text
+    floors = json.loads((tmp_path / "curves" / "curves.json").read_text())["floors"]
+    assert len(floors) == 1 and floors[0]["n"] == 6 and floors[0]["n_ref"] == 16  # one dataset: one floor
+    assert f"Floor: 6 training images of {floors[0]['data']} score {floors[0]['fid']:.2f}" in text
+    assert 0 <= floors[0]["fid"] < min(r["fid"] for r in rows)  # real images score below the tiny untrained models
 
     scored = []
     monkeypatch.setattr(curves, "score", lambda *args: scored.append(args) or {})
