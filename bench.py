@@ -19,7 +19,6 @@ that compares. Results go to OUT/bench_<res>px.json and .md.
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -58,20 +57,6 @@ def synthetic_data(res):
     return ImageData(images, None, 0, "synthetic")
 
 
-def timed(fn, repeats, iters):
-    """Median seconds per call of fn over `repeats` runs of `iters` calls, timed with CUDA events."""
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000 / iters)
-    return statistics.median(times)
-
-
 def bench_training(run, cfg, data, args, peak, ceiling=None):
     """Each path's training step timed; with a ceiling (roofline.ceilings) also its work and kernels by kind."""
     batch = cfg["batch_size"]
@@ -86,7 +71,7 @@ def bench_training(run, cfg, data, args, peak, ceiling=None):
         for _ in range(3):  # warm-up: optimizer state, allocator, autotuning
             step()
         torch.cuda.reset_peak_memory_stats()
-        seconds = timed(step, args.repeats, args.iters)
+        seconds = roofline.cuda_seconds(step, args.repeats, args.iters)
         flops = 3e9 * run.method.gflops(run.model, path) * batch  # forward and backward: about 3x the forward
         rows.append(dict(path=path.name, share=path.share, ms=1000 * seconds, images_per_s=batch / seconds,
                          tflops=flops / seconds / 1e12, mfu=flops / seconds / peak,
@@ -122,7 +107,7 @@ def bench_sampling(run, cfg, args):
     torch.cuda.synchronize()
     results = dict(compile_s=seconds or 0.0)
     for steps in args.sample_steps:
-        seconds = timed(lambda: draw(steps), args.sample_repeats, 1)
+        seconds = roofline.cuda_seconds(lambda: draw(steps), args.sample_repeats, 1)
         results[f"{steps}_steps_s"] = seconds
         print(f"  sampling {n} images, {steps} steps: {seconds:.1f} s", flush=True)
     return results

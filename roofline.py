@@ -11,6 +11,7 @@ kernels take by kind. bench.py --roofline True measures it and writes the table 
   time less its kernels' time, when the GPU idles while the host issues work.
 """
 import re
+import statistics
 from collections import defaultdict
 
 import torch
@@ -39,14 +40,17 @@ def ceilings(device, size=8192, copy_bytes=2 ** 30):
     a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
     x = torch.empty(copy_bytes // 4, device=device)
     y = torch.empty_like(x)
-    matmul = 2 * size ** 3 / best_seconds(lambda: a @ b)
-    copy = 2 * copy_bytes / best_seconds(lambda: y.copy_(x))  # each byte read once and written once
+    a @ b  # warm-up: cuBLAS picks its kernel, the allocator settles
+    y.copy_(x)
+    matmul = 2 * size ** 3 / cuda_seconds(lambda: a @ b, pick=min)
+    copy = 2 * copy_bytes / cuda_seconds(lambda: y.copy_(x), pick=min)  # each byte read once and written once
     return matmul / 1e12, copy / 1e9
 
 
-def best_seconds(fn, repeats=5, iters=10):
-    fn()
-    best = float("inf")
+def cuda_seconds(fn, repeats=5, iters=10, pick=statistics.median):
+    """Seconds per call of fn, timed with CUDA events over `repeats` runs of `iters` calls; pick chooses among the
+    runs (the median for the benchmark's figures, the minimum for a ceiling)."""
+    times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -54,8 +58,8 @@ def best_seconds(fn, repeats=5, iters=10):
             fn()
         end.record()
         torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / 1000 / iters)
-    return best
+        times.append(start.elapsed_time(end) / 1000 / iters)
+    return pick(times)
 
 
 class ByteCounter(TorchDispatchMode):
