@@ -174,6 +174,12 @@ def check_config(cfg):
     need(all(m > 0 for m in cfg["snapshot_minutes"] or ()), "--snapshot_minutes: every entry must be positive")
     need(cfg["method"] in ("ssd", "msf") or cfg["levels"] == 1, f"--method {cfg['method']} trains one level")
     need(cfg["method"] != "msf" or cfg["levels"] == 1, "--method msf: each of its two stages has one level")
+    need(not cfg["upsample_transitions"] or cfg["method"] == "ssd" and cfg["levels"] > 1 and cfg["flexi"],
+         "--upsample_transitions True routes the steps that increase the resolution, and this run has none "
+         "(it needs --method ssd with --levels 2 or more and --flexi True)")
+    need(not cfg["preserve_snr"] or cfg["method"] == "ssd" and cfg["levels"] > 1,
+         "--preserve_snr True scales the signal where the resolution changes, and this run has no such step "
+         "(it needs --method ssd with --levels 2 or more)")
     for key in ("bf16", "cuda_graphs"):
         need(not cfg[key] or cfg["device"].startswith("cuda"), f"--{key} True needs a CUDA device")
     need(not (cfg["resume"] and cfg["overwrite"]), "--resume True and --overwrite True exclude each other")

@@ -378,6 +378,9 @@ def test_parser_rejects_bad_values(argv, message, capsys):
     (["--levels", "6"], "6 levels halve 16 px 5 times"),
     (["--method", "ddpm_x0", "--levels", "3"], "--method ddpm_x0 trains one level"),
     (["--device", "cpu", "--cuda_graphs", "True"], "--cuda_graphs True needs a CUDA device"),
+    (["--upsample_transitions", "True", "--method", "ddpm_x0"], "--upsample_transitions True routes the steps that"),
+    (["--upsample_transitions", "True", "--flexi", "False"], "and this run has none"),
+    (["--preserve_snr", "True", "--method", "msf"], "--preserve_snr True scales the signal where the resolution"),
     (["--device", "cpu", "--bf16", "True"], "--bf16 True needs a CUDA device"),
     (["--resume", "True", "--overwrite", "True"], "exclude each other"),
 ])
