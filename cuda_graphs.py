@@ -87,24 +87,26 @@ class ForwardGraphs:
     low resolutions, where the GPU would wait for the host. All graphs share one memory pool, since one runs at a
     time, and each output is copied out before the next replay overwrites it."""
 
-    def __init__(self, forward):
-        self.forward = forward  # forward(x, t, out_res, y, cond), the network's own
+    def __init__(self):
         self.graphs = {}
         self.pool = None
 
-    def __call__(self, x, t, out_res, y=None, cond=None):
+    def __call__(self, forward, x, t, out_res, y=None, cond=None):
+        """forward(x, t, out_res, y, cond): the network's own, recorded for this signature at its first call. (Passed
+        at each call rather than kept, so that the network and its graphs hold no reference cycle: the graphs' memory
+        goes back as soon as the network is dropped.)"""
         inputs = [v for v in (x, t, y, cond) if v is not None]
         key = (out_res, y is None, cond is None, torch.is_autocast_enabled("cuda"),
                *((tuple(v.shape), v.dtype) for v in inputs))
         if key not in self.graphs:
-            self.graphs[key] = self.capture(x, t, out_res, y, cond)
+            self.graphs[key] = self.capture(forward, x, t, out_res, y, cond)
         graph, static, out = self.graphs[key]
         for target, value in zip(static, inputs):
             target.copy_(value)
         graph.replay()
         return out.clone()
 
-    def capture(self, x, t, out_res, y, cond):
+    def capture(self, forward, x, t, out_res, y, cond):
         """Two warm-up calls on a side stream (cuDNN's algorithm search, compilation), then the recording. Autocast's
         cache of bf16 weights is off: a cast cached outside the graph would be freed while the graph still reads it,
         so every cast must be recorded with the rest."""
@@ -116,11 +118,11 @@ class ForwardGraphs:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), autocast:
             for _ in range(2):
-                self.forward(static[0], static[1], out_res, static[2], static[3])
+                forward(static[0], static[1], out_res, static[2], static[3])
         torch.cuda.current_stream().wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool), autocast:
-            out = self.forward(static[0], static[1], out_res, static[2], static[3])
+            out = forward(static[0], static[1], out_res, static[2], static[3])
         return graph, [v for v in static if v is not None], out

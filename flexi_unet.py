@@ -295,7 +295,7 @@ class UNet(nn.Module):
     def record_graphs(self):
         """Sampling: from now on every CUDA forward without gradients replays a CUDA graph, one per input signature,
         recorded at its first call (cuda_graphs.ForwardGraphs). Training forwards, and CPU ones, run as before."""
-        self.graphs = ForwardGraphs(self.network)
+        self.graphs = ForwardGraphs()
         return self
 
     def first_skip(self, level):
@@ -329,7 +329,7 @@ class UNet(nn.Module):
         """x: (B, C, r, r); t: (B,) int64 in 0..T-1; out_res: r or 2r (python int); y: (B,) labels or None;
         cond: (B, cond_channels, r, r) when the config has cond_channels, concatenated to x."""
         if self.graphs is not None and x.is_cuda and not torch.is_grad_enabled():
-            return self.graphs(x, t, out_res, y, cond)  # a replay of self.network, recorded at its first call
+            return self.graphs(self.network, x, t, out_res, y, cond)  # a replay, recorded at the first call
         return self.network(x, t, out_res, y, cond)
 
     def network(self, x, t, out_res, y=None, cond=None):
