@@ -251,9 +251,11 @@ def prepare(args, device, batch_size, verbose=True):
     labels = parse_labels(args.label) if args.label else None
     classes = class_labels(method, labels, args.cfg)  # a wrong label fails now, not after compiling
     y = None if classes is None else classes[torch.arange(batch_size) % len(classes)].to(device)
-    seconds = speed_up(method, net, batch_size, y, args.cfg, *accelerations(args, device))
+    compile, graphs = accelerations(args, device)
+    seconds = speed_up(method, net, batch_size, y, args.cfg, compile, graphs)
     if verbose and seconds is not None:
-        print(f"compiled and recorded every path in {seconds:.0f} s")
+        done = " and ".join(what for what, on in (("compiled", compile), ("recorded as CUDA graphs", graphs)) if on)
+        print(f"{done} every path in {seconds:.0f} s")
     return method, net, labels, ckpt
 
 
