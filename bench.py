@@ -97,9 +97,9 @@ def eager_config(cfg):
 
 
 @torch.inference_mode()  # as sample.py draws
-def bench_sampling(run, cfg, args):
-    """Sampling time of args.sample_batch images from the EMA network (untrained weights: speed only), compiled and
-    replayed as CUDA graphs as the variant trains (sample.py's defaults)."""
+def bench_sampling(run, cfg, args, peak):
+    """Sampling time and MFU of args.sample_batch images from the EMA network (untrained weights: speed only),
+    compiled and replayed as CUDA graphs as the variant trains (sample.py's defaults)."""
     n = args.sample_batch
     noise = seeded_noise(torch.arange(n, device=run.device))
     draw = lambda steps: run.method.sample(run.ema, n, steps, noise=noise)
@@ -109,7 +109,9 @@ def bench_sampling(run, cfg, args):
     for steps in args.sample_steps:
         seconds = roofline.cuda_seconds(lambda: draw(steps), args.sample_repeats, 1)
         results[f"{steps}_steps_s"] = seconds
-        print(f"  sampling {n} images, {steps} steps: {seconds:.1f} s", flush=True)
+        results[f"{steps}_steps_mfu"] = 1e9 * run.method.sampling_gflops(run.ema, steps) * n / seconds / peak
+        print(f"  sampling {n} images, {steps} steps: {seconds:.1f} s, "
+              f"{100 * results[f'{steps}_steps_mfu']:.1f}% MFU", flush=True)
     return results
 
 
@@ -137,13 +139,14 @@ def markdown(results, args):
     lines = [f"### {args.res} px, SSD {args.levels} levels vs baselines — {results['device']}, {results['date']}",
              f"`{results['command']}`", "",
              "| variant | train ms/step | img/s | TFLOP/s | MFU | peak GB | reserved GB | " +
-             " | ".join(f"sample {s} steps (s)" for s in args.sample_steps) + " |",
+             " | ".join(f"sample {s} steps: s (MFU)" for s in args.sample_steps) + " |",
              "|---|---|---|---|---|---|---|" + "---|" * len(args.sample_steps)]
     for name, r in results["variants"].items():
         tr, sa = r.get("train", {}), r.get("sample", {})
         cells = [f"{tr['ms_per_step']:.1f}", f"{tr['images_per_s']:.0f}", f"{tr['tflops']:.0f}",
                  f"{100 * tr['mfu']:.1f}%", f"{tr['peak_mem_gb']:.1f}", f"{tr['reserved_gb']:.1f}"] if tr else ["-"] * 6
-        cells += [f"{sa[f'{s}_steps_s']:.1f}" if sa else "-" for s in args.sample_steps]
+        cells += [f"{sa[f'{s}_steps_s']:.1f} ({100 * sa[f'{s}_steps_mfu']:.0f}%)" if sa else "-"
+                  for s in args.sample_steps]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, r in results["variants"].items():
         if "train" in r:
@@ -221,7 +224,7 @@ def main():
             if args.train:
                 row["train"] = bench_training(run, cfg, data, args, peak, ceiling)
             if args.sample:
-                row["sample"] = bench_sampling(run, cfg, args)
+                row["sample"] = bench_sampling(run, cfg, args, peak)
             if args.max_batch:
                 row["max_batch"] = largest_batch(run, cfg, data)
         del run

@@ -21,6 +21,7 @@ checkpoint rebuilds its network and its process with flexi_unet.py and degrade.p
     method.loss(model, example)          per-image losses (B,)
     method.sample(model, n, ...)         images at full resolution in [-1, 1]
     method.gflops(model, path)           forward GFLOPs per image on a path
+    method.sampling_gflops(model, steps) forward GFLOPs per image of one sampling chain
 """
 import dataclasses
 from dataclasses import dataclass
@@ -110,6 +111,10 @@ class ScaleSpaceMethod:
     def gflops(self, model, path):
         in_res, out_res = map(int, path.name.split("->"))
         return path_gflops(model, in_res, out_res)
+
+    def sampling_gflops(self, model, steps=None):
+        """Forward GFLOPs per image of one sampling chain of `steps` respaced steps (all T when None)."""
+        return sum(path_gflops(model, self.ss.res(t), self.out_res(t)) for t in ssd.sampling_steps(self.ss, steps))
 
     def warm_up(self, model, n, y=None, cfg_scale=1.0):
         """Run the network once on every path, so that compilation happens before sampling is timed."""

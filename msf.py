@@ -234,6 +234,9 @@ class MSFMethod:
     def gflops(self, model, path):
         return model.gflops()
 
+    def sampling_gflops(self, model, steps=None):
+        return len(ssd.sampling_steps(self.ss, steps)) * model.gflops()  # each stage takes `steps` steps
+
     def warm_up(self, model, n, y=None, cfg_scale=1.0):
         """Two steps of each stage run both networks on every shape they see."""
         self.sample(model, n, steps=2, y=y, cfg_scale=cfg_scale)

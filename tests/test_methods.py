@@ -8,6 +8,7 @@ import torch
 import bench
 import methods
 import msf
+import ssd
 import train
 from flexi_unet import tiny_config
 
@@ -71,3 +72,18 @@ def test_bench_variants_are_train_py_settings(tmp_path):
     assert bench.variant_config(args, "full", str(tmp_path))["method"] == "ddpm_x0"
     with pytest.raises(SystemExit, match="unknown variant 'ssd-fast'"):
         bench.variant_config(args, "ssd-fast", str(tmp_path))
+
+
+def test_a_sampling_chain_costs_the_sum_of_its_steps():
+    """All T steps cost T times the uniform average over the steps (flexi_unet.average_gflops); a respaced chain
+    sums the paths it visits; MSF runs both stages for every step."""
+    from flexi_unet import average_gflops
+    ssd_method = methods.from_spec(train.method_spec(train.parse_config(["--res", "16"]), 1, 0))
+    net = ssd_method.build_model()
+    assert ssd_method.sampling_gflops(net) == pytest.approx(ssd_method.ss.T * average_gflops(net, ssd_method.ss))
+    kept = ssd.sampling_steps(ssd_method.ss, 5)
+    assert ssd_method.sampling_gflops(net, 5) == pytest.approx(
+        sum(ssd_method.gflops(net, methods.Path(ssd_method.path_name(t), t, 0)) for t in kept))
+    msf_method = methods.from_spec(train.method_spec(train.parse_config(["--res", "16", "--method", "msf"]), 1, 0))
+    model = msf_method.build_model()
+    assert msf_method.sampling_gflops(model, 5) == pytest.approx(5 * model.gflops())
