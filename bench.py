@@ -112,6 +112,9 @@ def bench_sampling(run, cfg, args, peak):
         results[f"{steps}_steps_mfu"] = 1e9 * run.method.sampling_gflops(run.ema, steps) * n / seconds / peak
         print(f"  sampling {n} images, {steps} steps: {seconds:.1f} s, "
               f"{100 * results[f'{steps}_steps_mfu']:.1f}% MFU", flush=True)
+    if args.roofline:  # where the first chain's time goes
+        kernels, wall_ms = roofline.kernel_times(lambda: draw(args.sample_steps[0]), steps=1)
+        results["kernels_ms"], results["wall_ms"] = kernels, wall_ms
     return results
 
 
@@ -161,6 +164,11 @@ def markdown(results, args):
                   ", ".join(f"{name} {b}" for name, b in batches.items())]
     lines += [""] + [f"- {k}: {v:.2f}x" for k, v in results["ratios"].items()]
     for name, r in results["variants"].items():
+        if "kernels_ms" in r.get("sample", {}):
+            kinds = ", ".join(f"{kind} {ms / 1000:.2f}" for kind, ms in sorted(r["sample"]["kernels_ms"].items(),
+                                                                              key=lambda kv: -kv[1]))
+            lines += ["", f"{name}, sampling {args.sample_batch} images with {args.sample_steps[0]} steps: "
+                          f"{r['sample']['wall_ms'] / 1000:.2f} s, of which GPU kernels by kind (s): {kinds}"]
         if "roofline" in r.get("train", {}):
             ceiling = results["ceilings"]["matmul_tflops"], results["ceilings"]["copy_gbs"]
             lines += ["", roofline.markdown(name, r["train"]["roofline"], ceiling)]
