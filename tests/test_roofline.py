@@ -64,3 +64,23 @@ def test_a_whole_training_step_is_counted(tmp_path):
     step()
     params = sum(p.nbytes for p in run.params)
     assert roofline.unfused_bytes(step) > 10 * params  # AdamW alone reads and writes each parameter several times
+
+
+def test_the_bench_tables_read_every_field_the_bench_writes():
+    """bench.markdown on results shaped as bench.py writes them, with sampling, the roofline and the batch search."""
+    import bench
+    path = dict(path="64->64", share=1.0, ms=80.0, images_per_s=1600.0, mfu=0.28, peak_mem_gb=2.0, reserved_gb=9.0)
+    where = roofline.row("64->64", 2e13, 3e10, {"conv and matmul": 50.0, "other": 5.0}, 80.0, (800.0, 4000.0))
+    train_row = dict(paths=[path], compile_s=3.0, ms_per_step=80.0, images_per_s=1600.0, tflops=270.0, mfu=0.28,
+                     peak_mem_gb=2.0, reserved_gb=9.0, roofline=[where])
+    sample_row = {"compile_s": 1.0, "100_steps_s": 10.0, "100_steps_mfu": 0.3, "kernels_ms": {"attention": 900.0},
+                  "wall_ms": 10_000.0}
+    results = dict(device="GPU", date="2026-12-02", command="python bench.py", ceilings=dict(matmul_tflops=800.0,
+                   copy_gbs=4000.0), variants={"ssd": dict(train=train_row, sample=sample_row, max_batch=256),
+                                               "full": dict(train=dict(train_row, roofline=[]))})
+    results["ratios"] = bench.ratios(results["variants"], [100])
+    args = type("Args", (), dict(res=64, levels=4, sample_steps=[100], sample_batch=250))
+    table = bench.markdown(results, args)
+    assert "| ssd | 80.0 | 1600 | 270 | 28.0% | 2.0 | 9.0 | 10.0 (30%) |" in table
+    assert "sampling 250 images with 100 steps: 10.00 s, of which GPU kernels by kind (s): attention 0.90" in table
+    assert "| 64->64 | 20,000 | 30.0 |" in table and "Largest power-of-two training batch" in table
