@@ -10,9 +10,9 @@ in one run on one GPU. Training times train.py's own step (train.train_step) on 
 Variants: "ssd" (the Flexi-UNet with L levels), "flexi1" (the same network at one level), "full" (the ADM UNet at
 full resolution, DDPM-x0) and "msf" (msf.py), each with optional suffixes that turn one thing off or on:
 -eager (no torch.compile), -nograph (no CUDA graphs, in training or sampling), -cl (channels-last), -paperattn
-(the paper's attention, no QK-norm), -fp32attn (the paper's attention in float32). Training time is measured per path and averaged with the
-share of batches each path gets (methods.py); compilation and warm-up are excluded, CUDA is synchronised, and each
-figure is the median of several repeats. Memory: "peak GB" is the most allocated at once; with CUDA graphs the
+(the paper's attention, no QK-norm), -fp32attn (the paper's attention in float32). Training time is measured per
+path and averaged with the share of batches each path gets (methods.py); compilation and warm-up are excluded,
+CUDA is synchronised, and each figure is the median of several repeats. Memory: "peak GB" is the most allocated at once; with CUDA graphs the
 recorded paths' activations live in the graphs' own pool, so "reserved GB" (all the process holds) is the figure
 that compares. Results go to OUT/bench_<res>px.json and .md.
 """
@@ -63,7 +63,8 @@ def bench_training(run, cfg, data, args, peak, ceiling=None):
     compile_s = train.compile_paths(run, cfg, data)
     print(f"  compiled the training paths in {compile_s:.0f} s", flush=True)
     x0, y = get_batch(data, batch, torch.Generator().manual_seed(0), run.device)
-    eager = train.build_run(eager_config(cfg), data, device=run.device) if ceiling else None
+    eager_cfg = eager_config(cfg)
+    eager = train.build_run(eager_cfg, data, device=run.device) if ceiling else None
     rows, where, avg_time, avg_flops = [], [], 0.0, 0.0
     for path in run.method.paths:
         t = run.method.path_steps(path, batch)
@@ -79,7 +80,7 @@ def bench_training(run, cfg, data, args, peak, ceiling=None):
                          reserved_gb=torch.cuda.max_memory_reserved() / 2 ** 30))
         print(f"  {path.name}: {1000 * seconds:.1f} ms/step, {rows[-1]['mfu'] * 100:.1f}% MFU", flush=True)
         if ceiling:
-            eager_step = lambda: train.train_step(eager, eager_config(cfg), x0, t)
+            eager_step = lambda: train.train_step(eager, eager_cfg, x0, t)
             eager_step()  # the optimiser's state exists from here on, as in training
             where.append(roofline.row(path.name, flops, roofline.unfused_bytes(eager_step),
                                       *roofline.kernel_times(step), ceiling))

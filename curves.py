@@ -10,9 +10,9 @@ Seeds of one setting are run folders named NAME_s<seed> (runs/ssd4_s0, runs/ssd4
 plot give each setting's mean FID over its seeds at each snapshot, with the range (the lowest and highest seed).
 
 Every snapshot is scored the same way: images 0 .. n-1 from fixed per-image seeds, the same sampler and steps,
-FID against the first max_ref training images (their statistics cached once per dataset and resolution). A
-floor is scored with them: n training images against the same statistics, what n perfect samples would score. A
-snapshot's score is kept beside it (ema_<m>min.json), so a second call scores only the new snapshots (or all of
+FID against the first max_ref training images (their statistics cached once per dataset and resolution). The
+floor is scored alongside: n training images against the same statistics, what n perfect samples would score.
+A snapshot's score is kept beside it (ema_<m>min.json), so a second call scores only the new snapshots (or all of
 them, if --n, --steps or --max_ref changed): runs can be extended, or added, and the table redrawn. Sampling
 time is reported apart from the training time.
 """
@@ -65,10 +65,10 @@ def score(path, args, device, extractor, datasets):
                 n=n, n_ref=n_ref, max_ref=args.max_ref, steps=args.steps, sampling_seconds=sampling, data=list(key))
 
 
-def floor(key, args, extractor):
+def floor(key, args, extractor, datasets):
     """FID of n training images, spread over the dataset, against the same reference statistics: what n perfect
     samples would score. A floor for the table: no snapshot's n samples can be expected to score below it."""
-    data = load_dataset(*key)
+    data = datasets[key] if key in datasets else datasets.setdefault(key, load_dataset(*key))
     index = np.linspace(0, len(data) - 1, min(args.n, len(data))).round().astype(int)
     value, n, n_ref = fid.fid_against_dataset(data.images[index], data, extractor, args.cache_dir, max_ref=args.max_ref)
     return dict(data=data.key, fid=value, n=n, n_ref=n_ref)
@@ -167,7 +167,8 @@ def main(argv=None):
             rows.append(dict(row, run=os.path.basename(os.path.normpath(run))))
             print(f"{rows[-1]['run']} {row['minutes']:g} min (step {row['step']:,}): FID {row['fid']:.2f}")
     settings = summary(rows)
-    floors = [floor(key, args, extractor) for key in dict.fromkeys(tuple(r["data"]) for r in rows if "data" in r)]
+    floors = [floor(key, args, extractor, datasets)
+              for key in dict.fromkeys(tuple(r["data"]) for r in rows if "data" in r)]
     with open(os.path.join(args.out, "curves.json"), "w") as f:
         json.dump(dict(runs=rows, settings=settings, floors=floors), f, indent=1)
     text = "\n".join([summary_table(settings), ""] + [

@@ -357,8 +357,7 @@ class UNet(nn.Module):
             # were trained that way (official.py). upsample_transitions does the same at every resolution increase:
             # the step then runs the blocks of its output level's resolution-preserving path, which nearly every
             # batch of that level trains, instead of a route that only the rare transition batches train.
-            size = out_res
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(x, size=(out_res, out_res), mode="bilinear", antialias=True, align_corners=False)
             level_in = level_out
 
         h = self.in_adapters[level_in](self.stem(x))
