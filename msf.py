@@ -239,5 +239,6 @@ class MSFMethod:
 
     def warm_up(self, model, n, y=None, cfg_scale=1.0):
         """Two steps of each stage run both networks on every shape they see."""
-        self.sample(model, n, steps=2, y=y, cfg_scale=cfg_scale)
+        noise = ssd.generator_noise(device=next(model.parameters()).device)  # where the networks run
+        self.sample(model, n, steps=2, noise=noise, y=y, cfg_scale=cfg_scale)
         return 2
