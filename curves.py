@@ -38,11 +38,30 @@ from data import load_dataset, to_uint8_images  # noqa: E402
 
 
 def snapshots(run_dir):
-    """The snapshot files of a run folder, by training minutes."""
+    """The snapshots of a run folder, by training minutes: each its weights (ema_<m>min.pt), its kept score
+    (ema_<m>min.json), or both. A score outlives its weights, so a finished point stays on the curve after the
+    weights are deleted (they are large)."""
     files = glob.glob(os.path.join(run_dir, "snapshots", "ema_*min.pt"))
-    if not files:
+    files += glob.glob(os.path.join(run_dir, "snapshots", "ema_*min.json"))
+    stems = {f[:f.rindex(".")] for f in files}
+    if not stems:
         raise FileNotFoundError(f"{run_dir} has no snapshots/ema_<minutes>min.pt: train it with --snapshot_minutes")
-    return sorted(files, key=lambda f: float(os.path.basename(f)[len("ema_"):-len("min.pt")]))
+    return sorted(stems, key=lambda f: float(os.path.basename(f)[len("ema_"):-len("min")]))
+
+
+def kept_score(stem, args):
+    """The score kept beside a snapshot if it was made with these settings, else None (score it again). A snapshot
+    whose weights are gone can only be kept as scored."""
+    row = None
+    if os.path.exists(stem + ".json"):
+        with open(stem + ".json") as f:
+            row = json.load(f)
+    same = row is not None and (row["n"], row["steps"], row["max_ref"]) == (args.n, args.steps, args.max_ref)
+    if not same and not os.path.exists(stem + ".pt"):
+        raise FileNotFoundError(f"{stem}.json was scored with --n {row['n']} --steps {row['steps']} --max_ref "
+                                f"{row['max_ref']} and its weights {stem}.pt are gone: call curves.py with those "
+                                "settings, or leave this run out")
+    return row if same else None
 
 
 def score(path, args, device, extractor, datasets):
@@ -149,20 +168,17 @@ def main(argv=None):
     if args.n < 2 or args.steps < 1:
         p.error("--n must be at least 2 and --steps at least 1")
     device = pick_device(args.device)
-    files = {run: snapshots(run) for run in args.runs}  # every folder is checked before any work
+    files = {run: snapshots(run) for run in args.runs}
+    kept = {stem: kept_score(stem, args) for stems in files.values() for stem in stems}  # all checked before any work
     extractor = fid.load_inception(args.inception, device)
     os.makedirs(args.out, exist_ok=True)
     rows, datasets = [], {}
-    for run, paths in files.items():
-        for path in paths:
-            done = path[:-len(".pt")] + ".json"
-            row = None
-            if os.path.exists(done):
-                with open(done) as f:
-                    row = json.load(f)
-            if row is None or (row["n"], row["steps"], row["max_ref"]) != (args.n, args.steps, args.max_ref):
-                row = score(path, args, device, extractor, datasets)
-                with open(done, "w") as f:
+    for run, stems in files.items():
+        for stem in stems:
+            row = kept[stem]
+            if row is None:
+                row = score(stem + ".pt", args, device, extractor, datasets)
+                with open(stem + ".json", "w") as f:
                     json.dump(row, f, indent=1)
             rows.append(dict(row, run=os.path.basename(os.path.normpath(run))))
             print(f"{rows[-1]['run']} {row['minutes']:g} min (step {row['step']:,}): FID {row['fid']:.2f}")

@@ -70,6 +70,13 @@ def test_curves_score_every_snapshot_once_and_draw_the_table(tmp_path, cache_dir
     curves.main(argv)  # every snapshot already has its score beside it: nothing is sampled again
     assert scored == []
 
+    for weights in (tmp_path / "ssd" / "snapshots").glob("*.pt"):
+        weights.unlink()  # a scored point stays on the curve without its (large) weights
+    curves.main(argv)
+    assert scored == [] and json.loads((tmp_path / "curves" / "curves.json").read_text())["runs"] == rows
+    with pytest.raises(FileNotFoundError, match="scored with --n 6 --steps 4 --max_ref 16 and its weights"):
+        curves.main([a if a != "4" else "8" for a in argv])  # other sampling steps cannot rescore it
+
 
 def test_seeds_of_a_setting_are_summarised_by_their_mean_and_range():
     rows = [dict(run=run, method=method, minutes=m, fid=fid, images_seen=seen)
