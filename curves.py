@@ -25,6 +25,7 @@ import statistics
 import time
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 
 matplotlib.use("Agg")
@@ -56,21 +57,25 @@ def kept_score(stem, args):
     if os.path.exists(stem + ".json"):
         with open(stem + ".json") as f:
             row = json.load(f)
-    same = row is not None and (row["n"], row["steps"], row["max_ref"]) == (args.n, args.steps, args.max_ref)
+    same = row is not None and "floor" in row and (row["n"], row["steps"], row["max_ref"]) == (
+        args.n, args.steps, args.max_ref)
     if not same and not os.path.exists(stem + ".pt"):
         raise FileNotFoundError(f"{stem}.json was scored with --n {row['n']} --steps {row['steps']} --max_ref "
-                                f"{row['max_ref']} and its weights {stem}.pt are gone: call curves.py with those "
-                                "settings, or leave this run out")
+                                f"{row['max_ref']}{'' if 'floor' in row else ' by an older curves.py (no floor)'} "
+                                f"and its weights {stem}.pt are gone: call curves.py with those settings, or leave "
+                                "this run out")
     return row if same else None
 
 
-def score(path, args, device, extractor, datasets):
-    """FID of one snapshot (n images, seeds 0 .. n-1), with its training record and the sampling time."""
+def score(path, args, device, extractor, references):
+    """FID of one snapshot (n images, seeds 0 .. n-1), with its training record, the sampling time and the floor."""
     method, net, ckpt = sample.load_model(path, device)
     cfg = ckpt["config"]
     key = (cfg["dataset"], cfg["res"], args.data_dir or cfg["data_dir"], cfg["cache_dir"])
-    if key not in datasets:  # one reference per dataset and resolution
-        datasets[key] = load_dataset(*key)
+    if key not in references:  # one reference per dataset and resolution
+        data = load_dataset(*key)
+        references[key] = data, floor(data, args, extractor)
+    data, floor_fid = references[key]
     sample.speed_up(method, net, min(args.batch_size, args.n), None, 1.0, *sample.accelerations(args, device))
     start = time.time()
     images = [to_uint8_images(x) for _, x in sample.generate_batches(method, net, 0, args.n, steps=args.steps,
@@ -78,19 +83,27 @@ def score(path, args, device, extractor, datasets):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     sampling = time.time() - start
-    value, n, n_ref = fid.fid_against_dataset(images, datasets[key], extractor, args.cache_dir, max_ref=args.max_ref)
+    value, n, n_ref = fid.fid_against_dataset(images, data, extractor, args.cache_dir, max_ref=args.max_ref)
     return dict(snapshot=path, method=ckpt["spec"]["method"], minutes=ckpt["minutes"],
                 train_seconds=ckpt["train_seconds"], step=ckpt["step"], images_seen=ckpt["images_seen"], fid=value,
-                n=n, n_ref=n_ref, max_ref=args.max_ref, steps=args.steps, sampling_seconds=sampling, data=list(key))
+                n=n, n_ref=n_ref, max_ref=args.max_ref, steps=args.steps, sampling_seconds=sampling, data=list(key),
+                floor=floor_fid)
 
 
-def floor(key, args, extractor, datasets):
+def floor(data, args, extractor):
     """FID of n training images, spread over the dataset, against the same reference statistics: what n perfect
     samples would score. A floor for the table: no snapshot's n samples can be expected to score below it."""
-    data = datasets[key] if key in datasets else datasets.setdefault(key, load_dataset(*key))
     index = np.linspace(0, len(data) - 1, min(args.n, len(data))).round().astype(int)
-    value, n, n_ref = fid.fid_against_dataset(data.images[index], data, extractor, args.cache_dir, max_ref=args.max_ref)
-    return dict(data=data.key, fid=value, n=n, n_ref=n_ref)
+    return fid.fid_against_dataset(data.images[index], data, extractor, args.cache_dir, max_ref=args.max_ref)[0]
+
+
+def floors(rows):
+    """The floor of each dataset and sample count among the rows, as kept with their scores."""
+    out = {}
+    for r in rows:
+        out.setdefault((*r["data"][:2], r["n"], r["n_ref"]), r["floor"])
+    return [dict(dataset=dataset, res=res, n=n, n_ref=n_ref, fid=value)
+            for (dataset, res, n, n_ref), value in out.items()]
 
 
 def setting_of(run):
@@ -134,7 +147,8 @@ def plot(settings, rows, path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for setting in dict.fromkeys(r["setting"] for r in settings):
         mine = [r for r in settings if r["setting"] == setting]
-        label = f"{setting} ({mine[0]['method']}, {max(r['seeds'] for r in mine)} seeds)"
+        seeds = max(r["seeds"] for r in mine)
+        label = f"{setting} ({mine[0]['method']}, {seeds} seed{'s' if seeds > 1 else ''})"
         for ax, x in zip(axes, ([r["minutes"] for r in mine], [r["images_seen"] for r in mine])):
             line, = ax.plot(x, [r["fid"] for r in mine], "o-", label=label)
             ax.fill_between(x, [r["fid_min"] for r in mine], [r["fid_max"] for r in mine], color=line.get_color(),
@@ -142,8 +156,13 @@ def plot(settings, rows, path):
     for ax, xlabel in zip(axes, ("minutes of training", "images seen")):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"FID ({rows[0]['n']} samples, {rows[0]['steps']} steps)")
+    minutes = sorted({r["minutes"] for r in settings})
+    axes[0].set_xticks(minutes, [f"{m:g}" for m in minutes])
+    axes[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -170,26 +189,24 @@ def main(argv=None):
     device = pick_device(args.device)
     files = {run: snapshots(run) for run in args.runs}
     kept = {stem: kept_score(stem, args) for stems in files.values() for stem in stems}  # all checked before any work
-    extractor = fid.load_inception(args.inception, device)
     os.makedirs(args.out, exist_ok=True)
-    rows, datasets = [], {}
+    rows, references, extractor = [], {}, None
     for run, stems in files.items():
         for stem in stems:
             row = kept[stem]
             if row is None:
-                row = score(stem + ".pt", args, device, extractor, datasets)
+                extractor = extractor or fid.load_inception(args.inception, device)  # only when there is work
+                row = score(stem + ".pt", args, device, extractor, references)
                 with open(stem + ".json", "w") as f:
                     json.dump(row, f, indent=1)
             rows.append(dict(row, run=os.path.basename(os.path.normpath(run))))
             print(f"{rows[-1]['run']} {row['minutes']:g} min (step {row['step']:,}): FID {row['fid']:.2f}")
-    settings = summary(rows)
-    floors = [floor(key, args, extractor, datasets)
-              for key in dict.fromkeys(tuple(r["data"]) for r in rows if "data" in r)]
+    settings, bottoms = summary(rows), floors(rows)
     with open(os.path.join(args.out, "curves.json"), "w") as f:
-        json.dump(dict(runs=rows, settings=settings, floors=floors), f, indent=1)
+        json.dump(dict(runs=rows, settings=settings, floors=bottoms), f, indent=1)
     text = "\n".join([summary_table(settings), ""] + [
-        f"Floor: {f['n']:,} training images of {f['data']} score {f['fid']:.2f} against the same {f['n_ref']:,}-image "
-        "statistics." for f in floors] + ["", "Every snapshot:", "", table(rows)])
+        f"Floor: {f['n']:,} training images of {f['dataset']} at {f['res']} px score {f['fid']:.2f} against the same "
+        f"{f['n_ref']:,}-image statistics." for f in bottoms] + ["", "Every snapshot:", "", table(rows)])
     with open(os.path.join(args.out, "curves.md"), "w") as f:
         f.write(text + "\n")
     plot(settings, rows, os.path.join(args.out, "curves.png"))
