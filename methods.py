@@ -24,6 +24,7 @@ checkpoint rebuilds its network and its process with flexi_unet.py and degrade.p
     method.sampling_gflops(model, steps) forward GFLOPs per image of one sampling chain
 """
 import dataclasses
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -131,6 +132,21 @@ def ssd_spec(method, unet_config, scale_space, min_snr=5.0, transition_share=Non
     parameterisation = "eps" if method == "ddpm_eps" else "x0"
     return dict(method=method, unet=unet_spec(unet_config), scale_space=dict(scale_space),
                 parameterisation=parameterisation, min_snr=min_snr, transition_share=transition_share)
+
+
+def completed(spec):
+    """A checkpoint's spec with the settings added since it was written filled in by their defaults. Every option
+    added to UNetConfig or ScaleSpace defaults to the behaviour before it existed, so the completed spec describes
+    the method the checkpoint was trained as, and compares equal to the spec of the same run today."""
+    spec = dict(spec)
+    for key in ("unet", "base", "residual"):  # the networks of ssd and ddpm, and of msf's two stages
+        if key in spec:
+            spec[key] = unet_spec(unet_from_spec(spec[key]))
+    if "scale_space" in spec:
+        defaults = {name: p.default for name, p in inspect.signature(ScaleSpace).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        spec["scale_space"] = {**defaults, **spec["scale_space"]}
+    return spec
 
 
 def from_spec(spec):

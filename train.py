@@ -359,9 +359,10 @@ def save(run, cfg):
 
 def restore(run, cfg, ckpt):
     """Continue from a checkpoint of the same method and network, written by as many processes."""
-    if ckpt["spec"] != run.spec:
+    if methods.completed(ckpt["spec"]) != methods.completed(run.spec):
         old = ckpt.get("config", {})
-        differ = [f"{k}: checkpoint {old.get(k)!r} vs now {cfg[k]!r}" for k in MODEL_SETTINGS if old.get(k) != cfg[k]]
+        differ = [f"{k}: checkpoint {old[k]!r} vs now {cfg[k]!r}" for k in MODEL_SETTINGS
+                  if k in old and old[k] != cfg[k]]
         raise ValueError(f"the checkpoint in {cfg['out_dir']} was trained with another configuration "
                          f"({', '.join(differ) or 'another network'}); pass its settings, or another --out_dir")
     if len(ckpt["rng"]) != run.world:

@@ -439,6 +439,19 @@ def test_resume_from_another_configuration_fails(tmp_path, cache_dir):
         train.main(tiny_argv(tmp_path, cache_dir, "--levels", "1", "--resume", "True"))
 
 
+def test_a_checkpoint_written_before_an_option_existed_resumes(tmp_path, cache_dir):
+    # Options added later default to the behaviour before them: a checkpoint without them is the same run.
+    fit(tmp_path, cache_dir, "--max_steps", "1", "--sample_every", "0")
+    path = os.path.join(tmp_path, "ckpt.pt")
+    ckpt = common.load_checkpoint(path)
+    del ckpt["spec"]["unet"]["upsample_transitions"], ckpt["spec"]["scale_space"]["preserve_snr"]
+    del ckpt["config"]["upsample_transitions"], ckpt["config"]["preserve_snr"]
+    common.save_checkpoint(path, ckpt)
+    assert fit(tmp_path, cache_dir, "--max_steps", "2", "--sample_every", "0", "--resume", "True")["step"] == 2
+    with pytest.raises(ValueError, match="upsample_transitions: checkpoint False vs now True"):  # a real change fails
+        train.main(tiny_argv(tmp_path, cache_dir, "--upsample_transitions", "True", "--resume", "True"))
+
+
 # -----------------------------------------------------------------------------
 # nothing lost: the run folder, checkpoints, divergence
 
