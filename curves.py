@@ -58,14 +58,15 @@ def kept_score(stem, args):
     if os.path.exists(stem + ".json"):
         with open(stem + ".json") as f:
             row = json.load(f)
-    same = row is not None and "floor" in row and (row["n"], row["steps"], row["max_ref"]) == (
-        args.n, args.steps, args.max_ref)
-    if not same and not os.path.exists(stem + ".pt"):
+    if row is not None and "floor" in row and (row["n"], row["steps"], row["max_ref"]) == (
+            args.n, args.steps, args.max_ref):
+        return row
+    if not os.path.exists(stem + ".pt"):
+        older = "" if "floor" in row else " by an older curves.py (no floor)"
         raise FileNotFoundError(f"{stem}.json was scored with --n {row['n']} --steps {row['steps']} --max_ref "
-                                f"{row['max_ref']}{'' if 'floor' in row else ' by an older curves.py (no floor)'} "
-                                f"and its weights {stem}.pt are gone: call curves.py with those settings, or leave "
-                                "this run out")
-    return row if same else None
+                                f"{row['max_ref']}{older} and its weights {stem}.pt are gone: call curves.py with "
+                                "those settings, or leave this run out")
+    return None
 
 
 def score(path, args, device, extractor, references):
