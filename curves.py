@@ -9,10 +9,14 @@ images seen, one line per setting, in tables and one plot.
 Seeds of one setting are run folders named NAME_s<seed> (runs/ssd4_s0, runs/ssd4_s1): the summary table and the
 plot give each setting's mean FID over its seeds at each snapshot, with the range (the lowest and highest seed).
 
+Snapshots taken at steps (train.py --snapshot_steps) measure equal compute on any device, or with runs sharing one
+GPU: a variant with the cost per step of a timed run, snapshotted at the steps that run reached in its minutes,
+compares with it at equal time. They appear in the tables and against images seen, not against minutes.
+
 Every snapshot is scored the same way: images 0 .. n-1 from fixed per-image seeds, the same sampler and steps,
 FID against the first max_ref training images (their statistics cached once per dataset and resolution). The
 floor is scored alongside: n training images against the same statistics, what n perfect samples would score.
-A snapshot's score, with its floor, is kept beside it (ema_<m>min.json), so a second call scores only the new
+A snapshot's score, with its floor, is kept beside it (ema_<m>min.json, ema_<n>steps.json), so a second call scores only the new
 snapshots (or all of them, if --n, --steps or --max_ref changed): runs can be extended, or added, and the table
 redrawn. A kept score outlives the snapshot's weights: once they are deleted, the table is redrawn from the scores
 alone, on any machine, with no Inception weights. Sampling time is reported apart from the training time.
@@ -40,15 +44,26 @@ from data import load_dataset, to_uint8_images  # noqa: E402
 
 
 def snapshots(run_dir):
-    """The snapshots of a run folder, by training minutes: each its weights (ema_<m>min.pt), its kept score
-    (ema_<m>min.json), or both. A score outlives its weights, so a finished point stays on the curve after the
-    weights are deleted (they are large)."""
-    files = glob.glob(os.path.join(run_dir, "snapshots", "ema_*min.pt"))
-    files += glob.glob(os.path.join(run_dir, "snapshots", "ema_*min.json"))
-    stems = {f[:f.rindex(".")] for f in files}
+    """The snapshots of a run folder: those taken at minutes of training (ema_<m>min), in order, then those taken at
+    steps (ema_<n>steps); each its weights (.pt), its kept score (.json), or both. A score outlives its weights, so
+    a finished point stays on the curve after the weights are deleted (they are large)."""
+    stems = set()
+    for kind in ("min", "steps"):
+        for suffix in (".pt", ".json"):
+            stems |= {f[:-len(suffix)] for f in glob.glob(os.path.join(run_dir, "snapshots", f"ema_*{kind}{suffix}"))}
     if not stems:
-        raise FileNotFoundError(f"{run_dir} has no snapshots/ema_<minutes>min.pt: train it with --snapshot_minutes")
-    return sorted(stems, key=lambda f: float(os.path.basename(f)[len("ema_"):-len("min")]))
+        raise FileNotFoundError(f"{run_dir} has no snapshots/ema_<minutes>min.pt or ema_<step>steps.pt: train it with "
+                                "--snapshot_minutes or --snapshot_steps")
+
+    def order(stem):
+        value = os.path.basename(stem)[len("ema_"):]
+        return (0, float(value[:-len("min")])) if value.endswith("min") else (1, int(value[:-len("steps")]))
+    return sorted(stems, key=order)
+
+
+def point(row):
+    """Where a snapshot lies on its run: "4 min" of training, or "step 4,350"."""
+    return f"{row['minutes']:g} min" if row["minutes"] is not None else f"step {row['step']:,}"
 
 
 def kept_score(stem, args):
@@ -114,47 +129,52 @@ def setting_of(run):
 
 
 def summary(rows):
-    """Per setting and snapshot: the number of seeds, the mean FID and its range, the mean images seen."""
+    """Per setting and snapshot point: the number of seeds, the mean FID and its range, the mean images seen."""
     groups = {}
     for r in rows:
-        groups.setdefault((setting_of(r["run"]), r["minutes"]), []).append(r)
+        groups.setdefault((setting_of(r["run"]), point(r)), []).append(r)
     out = []
-    for (setting, minutes), group in groups.items():
+    for (setting, where), group in groups.items():
         fids = [r["fid"] for r in group]
-        out.append(dict(setting=setting, method=group[0]["method"], minutes=minutes, seeds=len(group),
+        out.append(dict(setting=setting, method=group[0]["method"], point=where, minutes=group[0]["minutes"],
+                        seeds=len(group),
                         fid=statistics.mean(fids), fid_min=min(fids), fid_max=max(fids),
                         images_seen=statistics.mean(r["images_seen"] for r in group)))
     return out
 
 
 def summary_table(settings):
-    lines = ["| setting | method | minutes | seeds | images seen | FID, mean | lowest - highest |",
+    lines = ["| setting | method | snapshot | seeds | images seen | FID, mean | lowest - highest |",
              "|---|---|---|---|---|---|---|"]
     for r in settings:
-        lines.append(f"| {r['setting']} | {r['method']} | {r['minutes']:g} | {r['seeds']} | {r['images_seen']:,.0f} | "
+        lines.append(f"| {r['setting']} | {r['method']} | {r['point']} | {r['seeds']} | {r['images_seen']:,.0f} | "
                      f"{r['fid']:.2f} | {r['fid_min']:.2f} - {r['fid_max']:.2f} |")
     return "\n".join(lines)
 
 
 def table(rows):
-    lines = ["| run | method | minutes | step | images seen | FID | sampling s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | method | snapshot | step | images seen | FID | sampling s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['method']} | {r['minutes']:g} | {r['step']:,} | {r['images_seen']:,} | "
+        lines.append(f"| {r['run']} | {r['method']} | {point(r)} | {r['step']:,} | {r['images_seen']:,} | "
                      f"{r['fid']:.2f} | {r['sampling_seconds']:.1f} |")
     return "\n".join(lines)
 
 
 def plot(settings, rows, path):
-    """FID against training minutes and images seen: a setting's mean over its seeds, its range shaded."""
+    """FID against training minutes (the snapshots taken at minutes) and against images seen (all of them): a
+    setting's mean over its seeds, its range shaded."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for setting in dict.fromkeys(r["setting"] for r in settings):
         mine = [r for r in settings if r["setting"] == setting]
         seeds = max(r["seeds"] for r in mine)
         label = f"{setting} ({mine[0]['method']}, {seeds} seed{'s' if seeds > 1 else ''})"
-        for ax, x in zip(axes, ([r["minutes"] for r in mine], [r["images_seen"] for r in mine])):
-            line, = ax.plot(x, [r["fid"] for r in mine], "o-", label=label)
-            ax.fill_between(x, [r["fid_min"] for r in mine], [r["fid_max"] for r in mine], color=line.get_color(),
-                            alpha=0.2)
+        timed = [r for r in mine if r["minutes"] is not None]
+        for ax, points, x in ((axes[0], timed, [r["minutes"] for r in timed]),
+                              (axes[1], mine, [r["images_seen"] for r in mine])):
+            if points:
+                line, = ax.plot(x, [r["fid"] for r in points], "o-", label=label)
+                ax.fill_between(x, [r["fid_min"] for r in points], [r["fid_max"] for r in points],
+                                color=line.get_color(), alpha=0.2)
     for ax, xlabel in zip(axes, ("minutes of training", "images seen")):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -162,17 +182,18 @@ def plot(settings, rows, path):
         ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"FID ({rows[0]['n']} samples, {rows[0]['steps']} steps)")
-    minutes = sorted({r["minutes"] for r in settings})
-    axes[0].set_xticks(minutes, [f"{m:g}" for m in minutes])
-    axes[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    axes[0].legend(fontsize=7)
+    minutes = sorted({r["minutes"] for r in settings if r["minutes"] is not None})
+    if minutes:
+        axes[0].set_xticks(minutes, [f"{m:g}" for m in minutes])
+        axes[0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run folders of train.py --snapshot_minutes")
+    p.add_argument("runs", nargs="+", help="run folders of train.py --snapshot_minutes or --snapshot_steps")
     p.add_argument("--n", type=int, default=2000, help="samples per snapshot")
     p.add_argument("--steps", type=int, default=100, help="respaced ancestral sampling steps")
     p.add_argument("--batch_size", type=int, default=250)
@@ -202,7 +223,7 @@ def main(argv=None):
                 with open(stem + ".json", "w") as f:
                     json.dump(row, f, indent=1)
             rows.append(dict(row, run=os.path.basename(os.path.normpath(run))))
-            print(f"{rows[-1]['run']} {row['minutes']:g} min (step {row['step']:,}): FID {row['fid']:.2f}")
+            print(f"{rows[-1]['run']} {point(row)} (step {row['step']:,}): FID {row['fid']:.2f}")
     settings, bottoms = summary(rows), floors(rows)
     with open(os.path.join(args.out, "curves.json"), "w") as f:
         json.dump(dict(runs=rows, settings=settings, floors=bottoms), f, indent=1)

@@ -83,6 +83,8 @@ SETTINGS = {
                              "a resumed run continues the count (0: no limit)"),
         ("snapshot_minutes", None, "save the EMA weights after these minutes of training (as time_budget counts "
                                    "them), e.g. 1,2,4,8,16: out_dir/snapshots/, for curves.py"),
+        ("snapshot_steps", None, "save the EMA weights after these optimiser steps, e.g. 1050,2150,4350: equal "
+                                 "compute whatever the device, or runs sharing it (out_dir/snapshots/, for curves.py)"),
     ],
     "system": [
         ("device", "auto", "auto, cuda, cuda:N or cpu"),
@@ -106,7 +108,8 @@ SETTINGS = {
 }
 TYPES = dict(data_dir=str, cache_dir=str, res=int, levels=int, transitions=str, transition_share=float, model=str,
              batch_size=int, micro_batch=int, lr=float, warmup=int, grad_clip=float, max_steps=int, compile=bool,
-             cuda_graphs=bool, bf16=bool, wandb_project=str, snapshot_minutes=str)  # the settings whose default is None
+             cuda_graphs=bool, bf16=bool, wandb_project=str, snapshot_minutes=str,
+             snapshot_steps=str)  # the settings whose default is None
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU, for the MFU column
 
 
@@ -136,7 +139,8 @@ def apply_presets(cfg):
     if cfg["method"] in ("ddpm_x0", "ddpm_eps"):
         cfg["flexi"] = False  # DDPM runs the full ADM UNet
     for key, kind, example in (("transitions", int, "increasing steps, e.g. 438,750,937"),
-                               ("snapshot_minutes", float, "minutes, e.g. 1,2,4,8")):
+                               ("snapshot_minutes", float, "minutes, e.g. 1,2,4,8"),
+                               ("snapshot_steps", int, "steps, e.g. 1050,2150,4350")):
         if isinstance(cfg[key], str):  # a comma list on the command line
             try:
                 cfg[key] = [kind(part) for part in cfg[key].split(",")]
@@ -171,7 +175,8 @@ def check_config(cfg):
     need(cfg["transition_share"] is None or 0 <= cfg["transition_share"] <= 1, "--transition_share: must be in [0, 1]")
     need(cfg["min_snr"] > 0 and cfg["gamma"] > 0, "--min_snr and --gamma must be positive")
     need(cfg["micro_batch"] is None or cfg["micro_batch"] >= 1, "--micro_batch: must be at least 1")
-    need(all(m > 0 for m in cfg["snapshot_minutes"] or ()), "--snapshot_minutes: every entry must be positive")
+    for key in ("snapshot_minutes", "snapshot_steps"):
+        need(all(m > 0 for m in cfg[key] or ()), f"--{key}: every entry must be positive")
     need(cfg["method"] in ("ssd", "msf") or cfg["levels"] == 1, f"--method {cfg['method']} trains one level")
     need(cfg["method"] != "msf" or cfg["levels"] == 1, "--method msf: each of its two stages has one level")
     need(not cfg["upsample_transitions"] or cfg["method"] == "ssd" and cfg["levels"] > 1 and cfg["flexi"],
@@ -393,11 +398,13 @@ def save_samples(run, cfg):
     return path
 
 
-def save_snapshot(run, cfg, minutes):
-    """The EMA weights after `minutes` of training, as a checkpoint that sample.py and curves.py read."""
+def save_snapshot(run, cfg, minutes=None):
+    """The EMA weights now, as a checkpoint that sample.py and curves.py read: named by the minutes of training it
+    was taken at, or by its step (minutes None)."""
     folder = os.path.join(cfg["out_dir"], "snapshots")
     os.makedirs(folder, exist_ok=True)
-    save_checkpoint(os.path.join(folder, f"ema_{minutes:g}min.pt"),
+    name = f"ema_{minutes:g}min.pt" if minutes is not None else f"ema_{run.step}steps.pt"
+    save_checkpoint(os.path.join(folder, name),
                     dict(format=1, spec=run.spec, ema=run.ema.state_dict(), step=run.step, images_seen=run.images_seen,
                          train_seconds=run.train_seconds, minutes=minutes, config=dict(cfg)))
 
@@ -457,6 +464,7 @@ def main(argv=None):
     window, history, kept = Window(), {}, run.step if cfg["resume"] else None
     base, start = run.train_seconds, time.time()  # the clock: training so far, then this process's
     snapshots = sorted(m for m in cfg["snapshot_minutes"] or () if 60 * m > base)
+    snapshot_steps = set(cfg["snapshot_steps"] or ())
     while run.step < cfg["max_steps"]:
         t = run.method.draw_steps(per_rank, run.gens["shared"], run.gens["local"])  # one path for the whole batch
         x0, y = get_batch(data, per_rank, run.gens["local"], device)
@@ -483,6 +491,12 @@ def main(argv=None):
                     save_snapshot(run, cfg, minutes)
             start += time.time() - paused  # snapshots do not count as training time
             done = done or bool(cfg["time_budget"]) and run.train_seconds > 60 * cfg["time_budget"]
+        if run.step in snapshot_steps:  # at its exact step, whatever the clock says
+            run.train_seconds = agreed(run, base + time.time() - start)
+            paused = time.time()
+            if master:
+                save_snapshot(run, cfg)
+            start += time.time() - paused
         if checkpoint or done:
             save(run, cfg)
             kept = run.step

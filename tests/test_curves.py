@@ -1,4 +1,5 @@
-"""Snapshots at minutes of training (train.py --snapshot_minutes) and their FID curves (curves.py), on CPU."""
+"""Snapshots at minutes of training or at steps (train.py --snapshot_minutes, --snapshot_steps) and their FID curves
+(curves.py), on CPU."""
 import json
 import os
 
@@ -33,20 +34,35 @@ def test_snapshots_are_taken_at_their_minutes_and_a_resumed_run_continues_the_cl
     assert resumed.train_seconds > ckpt["train_seconds"] > 0  # the clock goes on from the checkpoint's
 
 
+def test_step_snapshots_are_taken_at_their_exact_steps(tmp_path, cache_dir):
+    argv = TINY + ["--out_dir", str(tmp_path), "--cache_dir", cache_dir, "--snapshot_steps", "2,3,9", "--log_every", "5"]
+    train.main(argv + ["--max_steps", "3"])
+    assert sorted(os.listdir(tmp_path / "snapshots")) == ["ema_2steps.pt", "ema_3steps.pt"]  # step 2 has no log line
+    snap = torch.load(tmp_path / "snapshots" / "ema_3steps.pt", weights_only=True)
+    assert snap["step"] == 3 and snap["minutes"] is None and snap["images_seen"] == 3 * 8
+    final = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(snap["ema"][k], v) for k, v in final["ema"].items())  # the EMA of step 3 itself
+
+
 def test_bad_snapshot_minutes_are_named():
     with pytest.raises(ValueError, match="--snapshot_minutes 'one': give minutes"):
         train.parse_config(["--snapshot_minutes", "one"])
     with pytest.raises(ValueError, match="--snapshot_minutes: every entry must be positive"):
         train.parse_config(["--snapshot_minutes", "0,1"])
+    with pytest.raises(ValueError, match="--snapshot_steps '1.5': give steps"):
+        train.parse_config(["--snapshot_steps", "1.5"])
+    with pytest.raises(ValueError, match="--snapshot_steps: every entry must be positive"):
+        train.parse_config(["--snapshot_steps", "0,1"])
 
 
 def test_curves_score_every_snapshot_once_and_draw_the_table(tmp_path, cache_dir, monkeypatch, capsys):
     runs = []
-    for name, method in (("ssd", "ssd"), ("ddpm", "ddpm_x0")):
+    for name, method, when in (("ssd", "ssd", ["--snapshot_minutes", "1e-9,2e-9"]),
+                               ("ddpm", "ddpm_x0", ["--snapshot_steps", "1,2"])):
         out = tmp_path / name
         levels = "2" if method == "ssd" else "1"
         train.main(TINY + ["--out_dir", str(out), "--cache_dir", cache_dir, "--method", method, "--levels", levels,
-                           "--max_steps", "2", "--snapshot_minutes", "1e-9,2e-9"])
+                           "--max_steps", "2", *when])
         runs.append(str(out))
     torch.manual_seed(0)  # a tiny random feature network stands in for Inception
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 13, stride=13), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
@@ -55,11 +71,13 @@ def test_curves_score_every_snapshot_once_and_draw_the_table(tmp_path, cache_dir
             str(tmp_path / "fid_cache"), "--out", str(tmp_path / "curves"), "--device", "cpu"]
     curves.main(argv)
     rows = json.loads((tmp_path / "curves" / "curves.json").read_text())["runs"]
-    assert [(r["run"], r["minutes"]) for r in rows] == [("ssd", 1e-9), ("ssd", 2e-9), ("ddpm", 1e-9), ("ddpm", 2e-9)]
+    assert [(r["run"], r["minutes"], r["step"]) for r in rows] == [("ssd", 1e-9, 1), ("ssd", 2e-9, 1),
+                                                                   ("ddpm", None, 1), ("ddpm", None, 2)]
     assert all(r["fid"] > 0 and r["n"] == 6 and r["n_ref"] == 16 for r in rows)
     assert {r["method"] for r in rows} == {"ssd", "ddpm_x0"}
     text = (tmp_path / "curves" / "curves.md").read_text()
-    assert (tmp_path / "curves" / "curves.png").is_file() and "| ssd | ssd |" in text
+    assert (tmp_path / "curves" / "curves.png").is_file() and "| ssd | ssd | 1e-09 min |" in text
+    assert "| ddpm | ddpm_x0 | step 2 | 1 |" in text
     floors = json.loads((tmp_path / "curves" / "curves.json").read_text())["floors"]
     assert len(floors) == 1 and floors[0]["n"] == 6 and floors[0]["n_ref"] == 16  # one dataset: one floor
     assert f"Floor: 6 training images of {floors[0]['dataset']} at 16 px score {floors[0]['fid']:.2f}" in text
@@ -88,10 +106,10 @@ def test_seeds_of_a_setting_are_summarised_by_their_mean_and_range():
                                                                              ("ddpm", 1, 1)]
     first = settings[0]
     assert (first["fid"], first["fid_min"], first["fid_max"], first["images_seen"]) == (62.0, 60.0, 64.0, 105)
-    assert "| ssd4 | ssd | 1 | 2 | 105 | 62.00 | 60.00 - 64.00 |" in curves.summary_table(settings)
+    assert "| ssd4 | ssd | 1 min | 2 | 105 | 62.00 | 60.00 - 64.00 |" in curves.summary_table(settings)
     assert curves.setting_of("my_run") == "my_run" and curves.setting_of("lr_s2_s10") == "lr_s2"
 
 
 def test_a_run_without_snapshots_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="has no snapshots.*--snapshot_minutes"):
+    with pytest.raises(FileNotFoundError, match="has no snapshots.*--snapshot_minutes or --snapshot_steps"):
         curves.main([str(tmp_path)])
