@@ -164,17 +164,17 @@ def plot(settings, rows, path):
     """FID against training minutes (the snapshots taken at minutes) and against images seen (all of them): a
     setting's mean over its seeds, its range shaded."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for setting in dict.fromkeys(r["setting"] for r in settings):
+    for i, setting in enumerate(dict.fromkeys(r["setting"] for r in settings)):
         mine = [r for r in settings if r["setting"] == setting]
         seeds = max(r["seeds"] for r in mine)
         label = f"{setting} ({mine[0]['method']}, {seeds} seed{'s' if seeds > 1 else ''})"
         timed = [r for r in mine if r["minutes"] is not None]
         for ax, points, x in ((axes[0], timed, [r["minutes"] for r in timed]),
                               (axes[1], mine, [r["images_seen"] for r in mine])):
-            if points:
-                line, = ax.plot(x, [r["fid"] for r in points], "o-", label=label)
+            if points:  # one colour per setting on both panels
+                ax.plot(x, [r["fid"] for r in points], "o-", color=f"C{i % 10}", label=label)
                 ax.fill_between(x, [r["fid_min"] for r in points], [r["fid_max"] for r in points],
-                                color=line.get_color(), alpha=0.2)
+                                color=f"C{i % 10}", alpha=0.2)
     for ax, xlabel in zip(axes, ("minutes of training", "images seen")):
         ax.set_xscale("log")
         ax.set_yscale("log")
