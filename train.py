@@ -450,7 +450,8 @@ def main(argv=None):
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
         if device.type == "cuda" else None
     if master:
-        print(f"{cfg['dataset']} {cfg['res']} px, {len(data):,} images | {cfg['method']}, paths {', '.join(paths)} | "
+        shares = ", ".join(f"{p.name} {100 * p.share:.3g}%" for p in run.method.paths)  # of the batches
+        print(f"{cfg['dataset']} {cfg['res']} px, {len(data):,} images | {cfg['method']}, paths {shares} | "
               f"{sum(p.numel() for p in run.params) / 1e6:.2f}M parameters | global batch {cfg['batch_size']} on "
               f"{world} x {device.type}" + (f" | resuming at step {run.step}" if cfg["resume"] else ""))
     if cfg["compile"]:

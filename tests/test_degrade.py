@@ -308,3 +308,23 @@ def test_preserve_snr_raises_the_loss_weight_of_the_small_levels():
     paper, shifted = ScaleSpace(64, 4), ScaleSpace(64, 4, preserve_snr=True)
     for t in (100, 500, 800, 990):
         assert float(shifted.snr[t]) == pytest.approx(float(paper.snr[t]) * float(shifted.gain[paper.level_of(t)]) ** 2)
+
+
+def test_preserve_snr_makes_a_transition_lean_on_the_prediction_no_more_than_an_in_level_step():
+    """How much of the lowest frequency (the mean colour) of x_s the posterior mean takes from the prediction x_hat
+    rather than from x_t. Inside a level the answer is a few thousandths at these steps; at a resolution change of
+    the paper's process x_t holds that frequency at a quarter of the SNR, so the step takes up to 0.28 of it from
+    x_hat (t = 438): the errors of an untrained transition path pass into the image. With the gains it is back
+    to an in-level step's share."""
+    def weight_on_prediction(ss, t):
+        x_t = torch.zeros(1, 1, ss.res(t), ss.res(t), dtype=torch.float64)
+        x_hat = torch.ones(1, 1, ss.res(t - 1), ss.res(t - 1), dtype=torch.float64)
+        return float(ss.posterior_mean(x_t, x_hat, t).mean())
+
+    for levels in (3, 4):
+        paper, shifted = ScaleSpace(64, levels), ScaleSpace(64, levels, preserve_snr=True)
+        for t in paper.transitions:
+            inside = weight_on_prediction(paper, t - 1)  # the next sampling step, inside the finer level
+            assert weight_on_prediction(shifted, t) < 1.5 * inside + 1e-3
+            if t < 600:  # where the signal is not yet drowned: 0.28 at t = 438 (4 levels), 0.16 at t = 555 (3)
+                assert weight_on_prediction(paper, t) > 30 * inside
