@@ -63,16 +63,20 @@ class ScaleSpaceMethod:
         self.parameterisation = spec["parameterisation"]
         self.min_snr = spec["min_snr"]
         self.transition_share = spec.get("transition_share")
+        self.level_shares = spec.get("level_shares")  # relative, finest level first; None: by number of steps
         self.channels, self.num_classes = self.unet.in_channels, self.unet.num_classes
         self.paths = self._paths()
 
     def _paths(self):
         """One path per level (its resolution-preserving steps), and one per resolution change."""
         share = (self.ss.levels - 1) / self.ss.T if self.transition_share is None else self.transition_share
-        inner = [steps for steps in ssd.inner_steps(self.ss) if len(steps)]
-        inner_total = sum(len(steps) for steps in inner)
-        paths = [Path(self.path_name(int(steps[0])), int(steps[0]), (1 - share) * len(steps) / inner_total)
-                 for steps in inner]
+        inner = ssd.inner_steps(self.ss)
+        if self.level_shares is not None and not all(len(steps) for steps in inner):
+            raise ValueError("--level_shares: a level has no resolution-preserving steps (two transitions are "
+                             "adjacent); give transitions further apart, or leave --level_shares out")
+        weights = self.level_shares or [len(steps) for steps in inner]
+        paths = [Path(self.path_name(int(steps[0])), int(steps[0]), (1 - share) * w / sum(weights))
+                 for steps, w in zip(inner, weights) if len(steps)]
         paths += [Path(self.path_name(t), t, share / len(self.ss.transitions)) for t in self.ss.transitions]
         return paths
 
@@ -80,7 +84,7 @@ class ScaleSpaceMethod:
         return UNet(self.unet)
 
     def draw_steps(self, n, shared, local):
-        return ssd.batch_steps(self.ss, n, shared, local, self.transition_share)
+        return ssd.batch_steps(self.ss, n, shared, local, self.transition_share, self.level_shares)
 
     def path_name(self, t):
         return f"{self.ss.res(t)}->{self.out_res(t)}"
@@ -127,25 +131,30 @@ class ScaleSpaceMethod:
         return len(self.paths)
 
 
-def ssd_spec(method, unet_config, scale_space, min_snr=5.0, transition_share=None):
-    """The spec of ssd, ddpm_x0 or ddpm_eps: scale_space holds ScaleSpace's arguments."""
+def ssd_spec(method, unet_config, scale_space, min_snr=5.0, transition_share=None, level_shares=None):
+    """The spec of ssd, ddpm_x0 or ddpm_eps: scale_space holds ScaleSpace's arguments; level_shares, if given, the
+    relative shares of batches of the levels' resolution-preserving paths, finest first (normalised here)."""
     parameterisation = "eps" if method == "ddpm_eps" else "x0"
+    if level_shares is not None:
+        level_shares = [w / sum(level_shares) for w in level_shares]
     return dict(method=method, unet=unet_spec(unet_config), scale_space=dict(scale_space),
-                parameterisation=parameterisation, min_snr=min_snr, transition_share=transition_share)
+                parameterisation=parameterisation, min_snr=min_snr, transition_share=transition_share,
+                level_shares=level_shares)
 
 
 def completed(spec):
     """A checkpoint's spec with the settings added since it was written filled in by their defaults. Every option
-    added to UNetConfig or ScaleSpace defaults to the behaviour before it existed, so the completed spec describes
+    added to UNetConfig, ScaleSpace or the batch rule defaults to the behaviour before it existed, so the completed spec describes
     the method the checkpoint was trained as, and compares equal to the spec of the same run today."""
     spec = dict(spec)
     for key in ("unet", "base", "residual"):  # the networks of ssd and ddpm, and of msf's two stages
         if key in spec:
             spec[key] = unet_spec(unet_from_spec(spec[key]))
-    if "scale_space" in spec:
+    if "scale_space" in spec:  # ssd and ddpm: the process's options, and the batch rule's (None: the paper's)
         defaults = {name: p.default for name, p in inspect.signature(ScaleSpace).parameters.items()
                     if p.default is not inspect.Parameter.empty}
         spec["scale_space"] = {**defaults, **spec["scale_space"]}
+        spec = {"transition_share": None, "level_shares": None, **spec}
     return spec
 
 

@@ -14,20 +14,25 @@ import torch.nn.functional as F
 # Training
 
 
-def batch_steps(ss, batch_size, shared_gen, local_gen, transition_share=None):
+def batch_steps(ss, batch_size, shared_gen, local_gen, transition_share=None, level_shares=None):
     """The steps of one batch (METHOD.md §3): every forward pass has one (input, output) resolution pair.
 
     A resolution-changing step takes the whole batch; otherwise the batch draws its steps uniformly among the
     non-changing steps of one level. The paper draws one t uniformly over all T steps to decide, so each of the
-    L-1 changing steps gets 1/T of the batches; `transition_share` (project option) gives them that total share
-    instead. The coin and the level come from `shared_gen`, which every DDP rank seeds alike, so all ranks run the
-    same resolution pair at each step; the per-image steps come from `local_gen`. Returns a CPU int64 tensor.
+    L-1 changing steps gets 1/T of the batches and each level a share in proportion to its steps;
+    `transition_share` and `level_shares` (project options: relative shares per level, finest first) set those
+    shares instead. The coin and the level come from `shared_gen`, which every DDP rank seeds alike, so all ranks
+    run the same resolution pair at each step; the per-image steps come from `local_gen`. Returns a CPU int64
+    tensor.
     """
     share = (ss.levels - 1) / ss.T if transition_share is None else transition_share
     if ss.transitions and torch.rand((), generator=shared_gen, dtype=torch.float64) < share:
         t = ss.transitions[int(torch.randint(len(ss.transitions), (), generator=shared_gen))]
         return torch.full((batch_size,), t, dtype=torch.long)
     inner = inner_steps(ss)
+    if level_shares is not None:
+        level = int(torch.multinomial(torch.tensor(level_shares, dtype=torch.float64), 1, generator=shared_gen))
+        return inner[level][torch.randint(len(inner[level]), (batch_size,), generator=local_gen)]
     pick = int(torch.randint(sum(len(s) for s in inner), (), generator=shared_gen))
     for steps in inner:  # the level whose non-changing steps contain the pick, uniformly over all such steps
         if pick < len(steps):

@@ -59,6 +59,8 @@ SETTINGS = {
         ("T", 1000, "diffusion steps"),
         ("min_snr", 5.0, "Min-SNR-gamma loss weight"),
         ("transition_share", None, "share of batches on resolution-changing steps (None: the paper's, (L-1)/T)"),
+        ("level_shares", None, "relative shares of the other batches per level, finest first, e.g. 4,3,2,1 (None: "
+                               "the paper's, each level's number of steps; METHOD.md §3)"),
         ("msf_factor", 2, "msf: the base lives at res / msf_factor (2 or 4)"),
     ],
     "model": [
@@ -106,9 +108,9 @@ SETTINGS = {
         ("sample_steps", 100, "respaced sampling steps for the grids"),
     ],
 }
-TYPES = dict(data_dir=str, cache_dir=str, res=int, levels=int, transitions=str, transition_share=float, model=str,
-             batch_size=int, micro_batch=int, lr=float, warmup=int, grad_clip=float, max_steps=int, compile=bool,
-             cuda_graphs=bool, bf16=bool, wandb_project=str, snapshot_minutes=str,
+TYPES = dict(data_dir=str, cache_dir=str, res=int, levels=int, transitions=str, transition_share=float,
+             level_shares=str, model=str, batch_size=int, micro_batch=int, lr=float, warmup=int, grad_clip=float,
+             max_steps=int, compile=bool, cuda_graphs=bool, bf16=bool, wandb_project=str, snapshot_minutes=str,
              snapshot_steps=str)  # the settings whose default is None
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU, for the MFU column
 
@@ -140,7 +142,8 @@ def apply_presets(cfg):
         cfg["flexi"] = False  # DDPM runs the full ADM UNet
     for key, kind, example in (("transitions", int, "increasing steps, e.g. 438,750,937"),
                                ("snapshot_minutes", float, "minutes, e.g. 1,2,4,8"),
-                               ("snapshot_steps", int, "steps, e.g. 1050,2150,4350")):
+                               ("snapshot_steps", int, "steps, e.g. 1050,2150,4350"),
+                               ("level_shares", float, "one share per level, finest first, e.g. 4,3,2,1")):
         if isinstance(cfg[key], str):  # a comma list on the command line
             try:
                 cfg[key] = [kind(part) for part in cfg[key].split(",")]
@@ -173,6 +176,10 @@ def check_config(cfg):
     for key in ("dropout", "label_dropout", "ema_decay"):
         need(0 <= cfg[key] < 1, f"--{key} {cfg[key]}: must be in [0, 1)")
     need(cfg["transition_share"] is None or 0 <= cfg["transition_share"] <= 1, "--transition_share: must be in [0, 1]")
+    shares = cfg["level_shares"]
+    need(shares is None or cfg["method"] == "ssd" and len(shares) == cfg["levels"] and
+         all(math.isfinite(w) and w > 0 for w in shares),
+         f"--level_shares: give one positive share per level ({cfg['levels']}, finest first) of an ssd run")
     need(cfg["min_snr"] > 0 and cfg["gamma"] > 0, "--min_snr and --gamma must be positive")
     need(cfg["micro_batch"] is None or cfg["micro_batch"] >= 1, "--micro_batch: must be at least 1")
     for key in ("snapshot_minutes", "snapshot_steps"):
@@ -188,7 +195,7 @@ def check_config(cfg):
     for key in ("bf16", "cuda_graphs"):
         need(not cfg[key] or cfg["device"].startswith("cuda"), f"--{key} True needs a CUDA device")
     need(not (cfg["resume"] and cfg["overwrite"]), "--resume True and --overwrite True exclude each other")
-    method_spec(cfg, channels=3, num_classes=0)  # the ladder and the network must exist for these settings
+    methods.from_spec(method_spec(cfg, channels=3, num_classes=0))  # the ladder, network and batch rule must exist
 
 
 def method_spec(cfg, channels, num_classes):
@@ -203,7 +210,8 @@ def method_spec(cfg, channels, num_classes):
     scale_space["transitions"] = ScaleSpace(**scale_space).transitions  # checks the ladder, and records it
     make = paper_config if cfg["model"] == "paper" else tiny_config
     unet = make(cfg["res"], cfg["levels"], in_channels=channels, flexi=cfg["flexi"], **options)
-    return methods.ssd_spec(cfg["method"], unet, scale_space, cfg["min_snr"], cfg["transition_share"])
+    return methods.ssd_spec(cfg["method"], unet, scale_space, cfg["min_snr"], cfg["transition_share"],
+                            cfg["level_shares"])
 
 
 # -----------------------------------------------------------------------------
@@ -382,8 +390,8 @@ def restore(run, cfg, ckpt):
 
 # The settings the spec is made of: named when a resumed run differs in them.
 MODEL_SETTINGS = ("dataset", "res", "method", "levels", "schedule", "gamma", "transitions", "op", "noise",
-                  "preserve_snr", "T", "min_snr", "transition_share", "msf_factor", "model", "flexi", "dropout",
-                  "qk_norm", "attention_fp32", "upsample_transitions", "class_cond")
+                  "preserve_snr", "T", "min_snr", "transition_share", "level_shares", "msf_factor", "model", "flexi",
+                  "dropout", "qk_norm", "attention_fp32", "upsample_transitions", "class_cond")
 
 
 @torch.no_grad()

@@ -13,11 +13,11 @@ import train
 from flexi_unet import tiny_config
 
 
-def ssd_method(res, levels, transition_share=None):
+def ssd_method(res, levels, transition_share=None, level_shares=None, transitions=None):
     scale_space = dict(res=res, levels=levels, T=1000, schedule="convex", gamma=0.5, op="bilinear", noise="linear",
-                       transitions=None)
+                       transitions=transitions)
     return methods.from_spec(methods.ssd_spec("ssd", tiny_config(res, min(levels, 3)), scale_space,
-                                              transition_share=transition_share))
+                                              transition_share=transition_share, level_shares=level_shares))
 
 
 @pytest.mark.parametrize("res,levels", [(64, 3), (32, 1), (64, 2)])
@@ -41,6 +41,31 @@ def test_drawn_batches_take_each_path_with_its_share():
     counts = collections.Counter(method.path_name(method.draw_steps(2, shared, local)) for _ in range(n))
     for path in method.paths:  # within 4 binomial standard errors
         assert abs(counts[path.name] / n - path.share) < 4 * (path.share * (1 - path.share) / n) ** 0.5, path.name
+
+
+def test_level_shares_set_each_levels_batches_and_leave_the_transitions_theirs():
+    method = ssd_method(32, 3, transition_share=0.1, level_shares=[3, 2, 1])
+    assert method.spec["level_shares"] == pytest.approx([1 / 2, 1 / 3, 1 / 6])  # normalised in the spec
+    shares = {p.name: p.share for p in method.paths}
+    assert (shares["32->32"], shares["16->16"], shares["8->8"]) == pytest.approx((0.45, 0.3, 0.15))
+    assert shares["16->32"] == shares["8->16"] == pytest.approx(0.05)
+    shared, local = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    n = 20_000
+    counts = collections.Counter()
+    for _ in range(n):  # a level's images draw their steps uniformly among its resolution-preserving ones
+        t = method.draw_steps(3, shared, local)
+        counts[method.path_name(t)] += 1
+        level = method.ss.level_of(int(t[0]))
+        assert all(method.ss.level_of(int(s)) == level for s in t)
+    for path in method.paths:  # within 4 binomial standard errors
+        assert abs(counts[path.name] / n - path.share) < 4 * (path.share * (1 - path.share) / n) ** 0.5, path.name
+    # Without the option the draws are the paper's rule, the same sequence as before the option existed.
+    plain, before = ssd_method(32, 3), ssd_method(32, 3)
+    gens = [(torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)) for _ in range(2)]
+    assert all(torch.equal(plain.draw_steps(4, *gens[0]), ssd.batch_steps(before.ss, 4, *gens[1]))
+               for _ in range(200))
+    with pytest.raises(ValueError, match="--level_shares: a level has no resolution-preserving steps"):
+        ssd_method(32, 3, level_shares=[1, 1, 1], transitions=[500, 501])
 
 
 @pytest.mark.parametrize("name", ["ssd", "msf"])

@@ -147,6 +147,7 @@ def test_class_conditional_run(tmp_path, cache_dir):
     (["--method", "ddpm_eps", "--levels", "1"], {"16->16"}),  # DDPM-eps on the full UNet: one level
     (["--qk_norm", "False", "--attention_fp32", "True"], {"16->16", "8->8", "8->16"}),  # the paper's attention
     (["--preserve_snr", "True"], {"16->16", "8->8", "8->16"}),  # the signal scaled at the resolution change
+    (["--level_shares", "1e-12,1", "--transition_share", "0"], {"8->8"}),  # every batch on the coarse level
 ])
 def test_options_train(tmp_path, cache_dir, args, paths):
     fit(tmp_path, cache_dir, "--max_steps", "4", "--log_every", "1", "--sample_every", "0", *args)
@@ -381,6 +382,10 @@ def test_parser_rejects_bad_values(argv, message, capsys):
     (["--upsample_transitions", "True", "--method", "ddpm_x0"], "--upsample_transitions True routes the steps that"),
     (["--upsample_transitions", "True", "--flexi", "False"], "and this run has none"),
     (["--preserve_snr", "True", "--method", "msf"], "--preserve_snr True scales the signal where the resolution"),
+    (["--level_shares", "1,2,3"], r"--level_shares: give one positive share per level \(2, finest first\)"),
+    (["--level_shares", "1,-1"], "--level_shares: give one positive share per level"),
+    (["--level_shares", "1", "--method", "ddpm_x0", "--levels", "1"], "--level_shares: .* of an ssd run"),
+    (["--level_shares", "a,b"], "--level_shares 'a,b': give one share per level"),
     (["--device", "cpu", "--bf16", "True"], "--bf16 True needs a CUDA device"),
     (["--resume", "True", "--overwrite", "True"], "exclude each other"),
 ])
@@ -445,6 +450,7 @@ def test_a_checkpoint_written_before_an_option_existed_resumes(tmp_path, cache_d
     path = os.path.join(tmp_path, "ckpt.pt")
     ckpt = common.load_checkpoint(path)
     del ckpt["spec"]["unet"]["upsample_transitions"], ckpt["spec"]["scale_space"]["preserve_snr"]
+    del ckpt["spec"]["level_shares"], ckpt["config"]["level_shares"]
     del ckpt["config"]["upsample_transitions"], ckpt["config"]["preserve_snr"]
     common.save_checkpoint(path, ckpt)
     assert fit(tmp_path, cache_dir, "--max_steps", "2", "--sample_every", "0", "--resume", "True")["step"] == 2
