@@ -114,8 +114,8 @@ def bench_sampling(run, cfg, args, peak):
         print(f"  sampling {n} images, {steps} steps: {seconds:.1f} s, "
               f"{100 * results[f'{steps}_steps_mfu']:.1f}% MFU", flush=True)
     if args.roofline:  # where the first chain's time goes
-        kernels, wall_ms = roofline.kernel_times(lambda: draw(args.sample_steps[0]), steps=1)
-        results["kernels_ms"], results["wall_ms"] = kernels, wall_ms
+        kernels, wall_ms, heaviest = roofline.kernel_times(lambda: draw(args.sample_steps[0]), steps=1)
+        results["kernels_ms"], results["wall_ms"], results["heaviest"] = kernels, wall_ms, heaviest
     return results
 
 
@@ -170,6 +170,10 @@ def markdown(results, args):
                                                                               key=lambda kv: -kv[1]))
             lines += ["", f"{name}, sampling {args.sample_batch} images with {args.sample_steps[0]} steps: "
                           f"{r['sample']['wall_ms'] / 1000:.2f} s, of which GPU kernels by kind (s): {kinds}"]
+            heaviest = roofline.heaviest_text(r["sample"].get("heaviest", []), scale=1e-3)
+            if heaviest:
+                lines += ["", "The heaviest kernels outside the matrix products and attention (s): " +
+                          "; ".join(heaviest)]
         if "roofline" in r.get("train", {}):
             ceiling = results["ceilings"]["matmul_tflops"], results["ceilings"]["copy_gbs"]
             lines += ["", roofline.markdown(name, r["train"]["roofline"], ceiling)]

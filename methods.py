@@ -144,8 +144,8 @@ def ssd_spec(method, unet_config, scale_space, min_snr=5.0, transition_share=Non
 
 def completed(spec):
     """A checkpoint's spec with the settings added since it was written filled in by their defaults. Every option
-    added to UNetConfig, ScaleSpace or the batch rule defaults to the behaviour before it existed, so the completed spec describes
-    the method the checkpoint was trained as, and compares equal to the spec of the same run today."""
+    added to UNetConfig, ScaleSpace or the batch rule defaults to the behaviour before it existed, so the completed
+    spec describes the method the checkpoint was trained as, and compares equal to the spec of the same run today."""
     spec = dict(spec)
     for key in ("unet", "base", "residual"):  # the networks of ssd and ddpm, and of msf's two stages
         if key in spec:

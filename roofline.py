@@ -8,7 +8,8 @@ kernels take by kind. bench.py --roofline True measures it and writes the table 
   A fused run moves less, so this bounds from above the traffic a perfect implementation needs.
 - Floors: the time each would take at its ceiling. A step cannot be faster than its FLOPs floor.
 - Measured: a few profiled steps, their GPU kernels sorted by kind (KINDS), per step; "host wait" is the step's wall
-  time less its kernels' time, when the GPU idles while the host issues work.
+  time less its kernels' time, when the GPU idles while the host issues work. The heaviest kernels outside the
+  matrix products and attention are named: the memory traffic that is left to fuse or remove.
 """
 import re
 import statistics
@@ -83,8 +84,15 @@ def unfused_bytes(step):
     return counter.bytes
 
 
-def kernel_times(step, steps=3):
-    """Milliseconds per step of step()'s CUDA kernels by kind, and the wall time per step."""
+def short_name(name, width=70):
+    """A kernel's name without its return type, template arguments and parameters: what tells kernels apart."""
+    name = re.sub(r"^void ", "", name)
+    return re.split(r"[<(]", name, maxsplit=1)[0][:width] or name[:width]
+
+
+def kernel_times(step, steps=3, heaviest=8):
+    """Milliseconds per step of step()'s CUDA kernels by kind, the wall time per step, and the `heaviest` kernels
+    outside the matrix products and attention as (name, kind, ms per step)."""
     step()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -94,22 +102,32 @@ def kernel_times(step, steps=3):
             step()
         end.record()
         torch.cuda.synchronize()
-    times = defaultdict(float)
+    times, named = defaultdict(float), defaultdict(float)
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
-            times[kernel_kind(event.name)] += event.device_time_total / 1000 / steps  # microseconds -> ms
-    return dict(times), start.elapsed_time(end) / steps
+            ms = event.device_time_total / 1000 / steps  # microseconds -> ms
+            times[kernel_kind(event.name)] += ms
+            named[short_name(event.name), kernel_kind(event.name)] += ms
+    memory_bound = sorted(((name, kind, ms) for (name, kind), ms in named.items()
+                           if kind not in ("conv and matmul", "attention")), key=lambda k: -k[2])
+    return dict(times), start.elapsed_time(end) / steps, memory_bound[:heaviest]
 
 
-def row(path, flops, nbytes, kernels, wall_ms, ceiling):
-    """One path's line of the table: work, floors, and the measured time by kind (ms per step)."""
+def row(path, flops, nbytes, kernels, wall_ms, heaviest, ceiling):
+    """One path's line of the table: work, floors, the measured time by kind (ms per step) and its heaviest
+    memory-bound kernels (kernel_times)."""
     matmul_tflops, copy_gbs = ceiling
     busy = sum(kernels.values())
     matrix = kernels.get("conv and matmul", 0.0) + kernels.get("attention", 0.0)
     return dict(path=path, gflop=flops / 1e9, gb=nbytes / 1e9, flops_floor_ms=flops / matmul_tflops / 1e9,
                 bytes_floor_ms=nbytes / copy_gbs / 1e6, wall_ms=wall_ms, kernels_ms=busy,
                 host_wait_ms=max(0.0, wall_ms - busy), matrix_tflops=flops / matrix / 1e9 if matrix else 0.0,
-                kinds=kernels)
+                kinds=kernels, heaviest=[list(k) for k in heaviest])
+
+
+def heaviest_text(heaviest, scale=1.0, digits=2):
+    """(name, kind, ms) triples as text; scale 1e-3 gives seconds."""
+    return [f"{name} ({kind}) {ms * scale:.{digits}f}" for name, kind, ms in heaviest]
 
 
 def markdown(variant, rows, ceiling):
@@ -123,4 +141,7 @@ def markdown(variant, rows, ceiling):
                  f"{r['wall_ms']:.1f}", f"{r['matrix_tflops']:.0f}"]
         cells += [f"{r['kinds'].get(k, 0.0):.1f}" for k in kinds] + [f"{r['host_wait_ms']:.1f}"]
         lines.append(f"| {r['path']} | " + " | ".join(cells) + " |")
+    lines += ["", "The heaviest kernels outside the matrix products and attention, ms per step:"]
+    lines += [f"- {r['path']}: " + "; ".join(heaviest_text(r.get("heaviest", []))) for r in rows]
     return "\n".join(lines)
+

@@ -35,7 +35,8 @@ def test_snapshots_are_taken_at_their_minutes_and_a_resumed_run_continues_the_cl
 
 
 def test_step_snapshots_are_taken_at_their_exact_steps(tmp_path, cache_dir):
-    argv = TINY + ["--out_dir", str(tmp_path), "--cache_dir", cache_dir, "--snapshot_steps", "2,3,9", "--log_every", "5"]
+    argv = TINY + ["--out_dir", str(tmp_path), "--cache_dir", cache_dir, "--snapshot_steps", "2,3,9",
+                   "--log_every", "5"]
     train.main(argv + ["--max_steps", "3"])
     assert sorted(os.listdir(tmp_path / "snapshots")) == ["ema_2steps.pt", "ema_3steps.pt"]  # step 2 has no log line
     snap = torch.load(tmp_path / "snapshots" / "ema_3steps.pt", weights_only=True)

@@ -40,14 +40,24 @@ def test_bytes_of_a_forward_and_backward_include_the_weights_and_their_gradients
     assert moved < 20 * weights
 
 
+def test_kernel_names_are_shortened_to_what_tells_them_apart():
+    assert roofline.short_name("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl<...>>(int, "
+                               "float)") == "at::native::elementwise_kernel"
+    assert roofline.short_name("triton_poi_fused_add_mul_silu_7") == "triton_poi_fused_add_mul_silu_7"
+    assert roofline.short_name("Memcpy DtoD (Device -> Device)") == "Memcpy DtoD "
+
+
 def test_a_row_puts_work_against_the_ceilings():
     kernels = {"conv and matmul": 2.0, "attention": 0.5, "Inductor pointwise": 1.0}
-    r = roofline.row("64->64", flops=1e12, nbytes=4e9, kernels=kernels, wall_ms=4.0, ceiling=(1000.0, 4000.0))
+    heaviest = [("triton_poi_fused_add_mul_silu_7", "Inductor pointwise", 0.6)]
+    r = roofline.row("64->64", flops=1e12, nbytes=4e9, kernels=kernels, wall_ms=4.0, heaviest=heaviest,
+                     ceiling=(1000.0, 4000.0))
     assert r["flops_floor_ms"] == pytest.approx(1.0) and r["bytes_floor_ms"] == pytest.approx(1.0)
     assert r["kernels_ms"] == pytest.approx(3.5) and r["host_wait_ms"] == pytest.approx(0.5)
     assert r["matrix_tflops"] == pytest.approx(400.0)  # 1e12 FLOP in 2.5 ms of matrix and attention kernels
     table = roofline.markdown("ssd", [r], (1000.0, 4000.0))
     assert "| 64->64 | 1,000 | 4.0 | 1.0 | 1.0 | 4.0 | 400 |" in table
+    assert "- 64->64: triton_poi_fused_add_mul_silu_7 (Inductor pointwise) 0.60" in table
 
 
 def test_a_whole_training_step_is_counted(tmp_path):
@@ -70,11 +80,13 @@ def test_the_bench_tables_read_every_field_the_bench_writes():
     """bench.markdown on results shaped as bench.py writes them, with sampling, the roofline and the batch search."""
     import bench
     path = dict(path="64->64", share=1.0, ms=80.0, images_per_s=1600.0, mfu=0.28, peak_mem_gb=2.0, reserved_gb=9.0)
-    where = roofline.row("64->64", 2e13, 3e10, {"conv and matmul": 50.0, "other": 5.0}, 80.0, (800.0, 4000.0))
+    where = roofline.row("64->64", 2e13, 3e10, {"conv and matmul": 50.0, "other": 5.0}, 80.0,
+                         [("at::native::elementwise_kernel", "other", 5.0)], (800.0, 4000.0))
     train_row = dict(paths=[path], compile_s=3.0, ms_per_step=80.0, images_per_s=1600.0, tflops=270.0, mfu=0.28,
                      peak_mem_gb=2.0, reserved_gb=9.0, roofline=[where])
     sample_row = {"compile_s": 1.0, "100_steps_s": 10.0, "100_steps_mfu": 0.3, "kernels_ms": {"attention": 900.0},
-                  "wall_ms": 10_000.0}
+                  "wall_ms": 10_000.0, "heaviest": [["triton_red_fused_native_group_norm_0", "Inductor reductions",
+                                                     420.0]]}
     results = dict(device="GPU", date="2026-12-02", command="python bench.py", ceilings=dict(matmul_tflops=800.0,
                    copy_gbs=4000.0), variants={"ssd": dict(train=train_row, sample=sample_row, max_batch=256),
                                                "full": dict(train=dict(train_row, roofline=[]))})
@@ -84,3 +96,5 @@ def test_the_bench_tables_read_every_field_the_bench_writes():
     assert "| ssd | 80.0 | 1600 | 270 | 28.0% | 2.0 | 9.0 | 10.0 (30%) |" in table
     assert "sampling 250 images with 100 steps: 10.00 s, of which GPU kernels by kind (s): attention 0.90" in table
     assert "| 64->64 | 20,000 | 30.0 |" in table and "Largest power-of-two training batch" in table
+    assert "- 64->64: at::native::elementwise_kernel (other) 5.00" in table
+    assert "(s): triton_red_fused_native_group_norm_0 (Inductor reductions) 0.42" in table
