@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 import fid  # noqa: E402
 import sample  # noqa: E402
-from common import parse_bool, pick_device, run_script  # noqa: E402
+from common import load_checkpoint, parse_bool, pick_device, run_script  # noqa: E402
 from data import load_dataset, to_uint8_images  # noqa: E402
 
 
@@ -84,16 +84,29 @@ def kept_score(stem, args):
     return None
 
 
-def score(path, args, device, extractor, references):
-    """FID of one snapshot (n images, seeds 0 .. n-1), with its training record, the sampling time and the floor."""
-    method, net, ckpt = sample.load_model(path, device)
+def with_weights(path, device, args, network=None):
+    """(method, network, checkpoint) of a snapshot. The snapshots of a run share a network: the first builds it,
+    compiles it and records its sampling graphs (sample.speed_up); the later ones copy their EMA weights into it,
+    in place, so the compiled blocks and the recorded graphs serve them unchanged."""
+    if network is None:
+        method, net, ckpt = sample.load_model(path, device)
+        sample.speed_up(method, net, min(args.batch_size, args.n), None, 1.0, *sample.accelerations(args, device))
+        return method, net, ckpt
+    (method, net), ckpt = network, load_checkpoint(path)
+    net.load_state_dict(ckpt["ema"])
+    return method, net, ckpt
+
+
+def score(path, args, device, extractor, references, network=None):
+    """FID of one snapshot (n images, seeds 0 .. n-1), with its training record, the sampling time and the floor;
+    and the (method, network) it was drawn with, for the run's next snapshot."""
+    method, net, ckpt = with_weights(path, device, args, network)
     cfg = ckpt["config"]
     key = (cfg["dataset"], cfg["res"], args.data_dir or cfg["data_dir"], cfg["cache_dir"])
     if key not in references:  # one reference per dataset and resolution
         data = load_dataset(*key)
         references[key] = data, floor(data, args, extractor)
     data, floor_fid = references[key]
-    sample.speed_up(method, net, min(args.batch_size, args.n), None, 1.0, *sample.accelerations(args, device))
     start = time.time()
     images = [to_uint8_images(x) for _, x in sample.generate_batches(method, net, 0, args.n, steps=args.steps,
                                                                      batch_size=min(args.batch_size, args.n))]
@@ -104,7 +117,7 @@ def score(path, args, device, extractor, references):
     return dict(snapshot=path, method=ckpt["spec"]["method"], minutes=ckpt["minutes"],
                 train_seconds=ckpt["train_seconds"], step=ckpt["step"], images_seen=ckpt["images_seen"], fid=value,
                 n=n, n_ref=n_ref, max_ref=args.max_ref, steps=args.steps, sampling_seconds=sampling, data=list(key),
-                floor=floor_fid)
+                floor=floor_fid), (method, net)
 
 
 def floor(data, args, extractor):
@@ -215,11 +228,12 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     rows, references, extractor = [], {}, None
     for run, stems in files.items():
+        network = None  # the run's, once its first snapshot to score has built it
         for stem in stems:
             row = kept[stem]
             if row is None:
                 extractor = extractor or fid.load_inception(args.inception, device)  # only when there is work
-                row = score(stem + ".pt", args, device, extractor, references)
+                row, network = score(stem + ".pt", args, device, extractor, references, network)
                 with open(stem + ".json", "w") as f:
                     json.dump(row, f, indent=1)
             rows.append(dict(row, run=os.path.basename(os.path.normpath(run))))

@@ -2,6 +2,7 @@
 (curves.py), on CPU."""
 import json
 import os
+import types
 
 import pytest
 import torch
@@ -70,7 +71,10 @@ def test_curves_score_every_snapshot_once_and_draw_the_table(tmp_path, cache_dir
     monkeypatch.setattr(fid, "load_inception", lambda path, device: fid.InceptionFeatures(net, "tiny", device))
     argv = [*runs, "--n", "6", "--steps", "4", "--batch_size", "4", "--max_ref", "16", "--cache_dir",
             str(tmp_path / "fid_cache"), "--out", str(tmp_path / "curves"), "--device", "cpu"]
+    built, load_model = [], sample.load_model
+    monkeypatch.setattr(sample, "load_model", lambda *a, **k: built.append(a[0]) or load_model(*a, **k))
     curves.main(argv)
+    assert len(built) == 2  # one network per run: its later snapshots' weights are copied into it
     rows = json.loads((tmp_path / "curves" / "curves.json").read_text())["runs"]
     assert [(r["run"], r["minutes"], r["step"]) for r in rows] == [("ssd", 1e-9, 1), ("ssd", 2e-9, 1),
                                                                    ("ddpm", None, 1), ("ddpm", None, 2)]
@@ -83,6 +87,17 @@ def test_curves_score_every_snapshot_once_and_draw_the_table(tmp_path, cache_dir
     assert len(floors) == 1 and floors[0]["n"] == 6 and floors[0]["n_ref"] == 16  # one dataset: one floor
     assert f"Floor: 6 training images of {floors[0]['dataset']} at 16 px score {floors[0]['fid']:.2f}" in text
     assert 0 <= floors[0]["fid"] < min(r["fid"] for r in rows)  # real images score below the tiny untrained models
+
+    first, second = (str(tmp_path / "ddpm" / "snapshots" / f"ema_{k}steps.pt") for k in (1, 2))
+    args = types.SimpleNamespace(batch_size=4, n=6, compile=None, cuda_graphs=None)
+    method, net, ckpt = curves.with_weights(first, torch.device("cpu"), args)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    storage = [p.data_ptr() for p in net.parameters()]
+    same_method, same_net, ckpt = curves.with_weights(second, torch.device("cpu"), args, (method, net))
+    assert same_method is method and same_net is net and ckpt["step"] == 2
+    assert [p.data_ptr() for p in net.parameters()] == storage  # copied in place: recorded graphs read them there
+    assert all(torch.equal(v, ckpt["ema"][k]) for k, v in net.state_dict().items())  # the second snapshot's weights
+    assert not all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # which differ from the first's
 
     scored = []
     monkeypatch.setattr(curves, "score", lambda *args: scored.append(args) or {})
