@@ -102,9 +102,9 @@ def bench_sampling(run, cfg, args, peak):
     """Sampling time and MFU of args.sample_batch images from the EMA network (untrained weights: speed only),
     compiled and replayed as CUDA graphs as the variant trains (sample.py's defaults)."""
     n = args.sample_batch
-    noise = seeded_noise(torch.arange(n, device=run.device))
-    draw = lambda steps: run.method.sample(run.ema, n, steps, noise=noise)
     seconds = sample.speed_up(run.method, run.ema, n, compile=cfg["compile"], graphs=cfg["cuda_graphs"])
+    noise = seeded_noise(torch.arange(n, device=run.device), fused=run.ema.compiled)  # as sample.py draws
+    draw = lambda steps: run.method.sample(run.ema, n, steps, noise=noise)
     torch.cuda.synchronize()
     results = dict(compile_s=seconds or 0.0)
     for steps in args.sample_steps:

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import ssd
 from degrade import ScaleSpace
 from ssd import (batch_steps, ddim_step, generator_noise, inner_steps, network_denoiser, sample, sampling_steps,
                  seeded_noise, training_example, weighted_mse)
@@ -222,6 +223,23 @@ def test_seeded_noise_is_per_image_and_gaussian():
     assert abs((z ** 4).mean() - 3) < 0.05  # Gaussian kurtosis
     corr = torch.corrcoef(z.flatten(1)[:, :256])
     assert (corr - torch.eye(500, dtype=torch.float64)).abs().max() < 0.3
+
+
+def test_fused_noise_is_one_graph_of_the_same_arithmetic():
+    """box_muller traces whole (fullgraph: no Python in the middle), so Inductor can make it one kernel; traced, it
+    gives the eager values bit for bit. On the CPU fused=True draws the eager noise (fusing is for CUDA)."""
+    stream = torch.tensor([0, 1, 2 ** 32 - 1, 123456789], dtype=torch.int64)
+    traced = torch.compile(ssd.box_muller, backend="aot_eager", dynamic=False, fullgraph=True)
+    assert torch.equal(traced(stream, 48), ssd.box_muller(stream, 48))
+    seeds = torch.arange(3)
+    assert torch.equal(seeded_noise(seeds, fused=True)(7, (3, 3, 4, 4)), seeded_noise(seeds)(7, (3, 3, 4, 4)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernel is made for CUDA")
+def test_fused_noise_on_cuda_equals_the_eager_noise():
+    seeds = torch.arange(1000, device="cuda")
+    for shape in ((1000, 3, 64, 64), (1000, 3, 8, 8)):
+        assert torch.equal(seeded_noise(seeds, fused=True)(5, shape), seeded_noise(seeds)(5, shape))
 
 
 def test_network_denoiser_routes_resolutions_and_parameterisations():
