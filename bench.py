@@ -103,8 +103,8 @@ def bench_sampling(run, cfg, args, peak):
     compiled and replayed as CUDA graphs as the variant trains (sample.py's defaults)."""
     n = args.sample_batch
     seconds = sample.speed_up(run.method, run.ema, n, compile=cfg["compile"], graphs=cfg["cuda_graphs"])
-    noise = seeded_noise(torch.arange(n, device=run.device), fused=run.ema.compiled)  # as sample.py draws
-    draw = lambda steps: run.method.sample(run.ema, n, steps, noise=noise)
+    seeds = torch.arange(n, device=run.device)
+    draw = lambda steps, fused=False: run.method.sample(run.ema, n, steps, noise=seeded_noise(seeds, fused))
     torch.cuda.synchronize()
     results = dict(compile_s=seconds or 0.0)
     for steps in args.sample_steps:
@@ -113,6 +113,11 @@ def bench_sampling(run, cfg, args, peak):
         results[f"{steps}_steps_mfu"] = 1e9 * run.method.sampling_gflops(run.ema, steps) * n / seconds / peak
         print(f"  sampling {n} images, {steps} steps: {seconds:.1f} s, "
               f"{100 * results[f'{steps}_steps_mfu']:.1f}% MFU", flush=True)
+    if cfg["compile"]:  # the first chain again with its noise made by one kernel: the before and after of fusing it
+        steps = args.sample_steps[0]
+        draw(steps, fused=True)  # compiles the noise kernel of each resolution
+        results["fused_noise_s"] = roofline.cuda_seconds(lambda: draw(steps, fused=True), args.sample_repeats, 1)
+        print(f"  the same, noise as one kernel (ssd.fused_box_muller): {results['fused_noise_s']:.1f} s", flush=True)
     if args.roofline:  # where the first chain's time goes
         kernels, wall_ms, heaviest = roofline.kernel_times(lambda: draw(args.sample_steps[0]), steps=1)
         results["kernels_ms"], results["wall_ms"], results["heaviest"] = kernels, wall_ms, heaviest
@@ -165,6 +170,10 @@ def markdown(results, args):
                   ", ".join(f"{name} {b}" for name, b in batches.items())]
     lines += [""] + [f"- {k}: {v:.2f}x" for k, v in results["ratios"].items()]
     for name, r in results["variants"].items():
+        if "fused_noise_s" in r.get("sample", {}):
+            lines += ["", f"{name}, sampling {args.sample_batch} images with {args.sample_steps[0]} steps, the noise "
+                          f"made by one kernel (ssd.fused_box_muller): {r['sample']['fused_noise_s']:.2f} s, against "
+                          f"{r['sample'][f'{args.sample_steps[0]}_steps_s']:.2f} s"]
         if "kernels_ms" in r.get("sample", {}):
             kinds = ", ".join(f"{kind} {ms / 1000:.2f}" for kind, ms in sorted(r["sample"]["kernels_ms"].items(),
                                                                               key=lambda kv: -kv[1]))

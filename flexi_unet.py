@@ -278,7 +278,6 @@ class UNet(nn.Module):
         self.head = nn.Sequential(nn.GroupNorm(cfg.norm_groups, widths[0]), nn.SiLU(),
                                   zero_init(nn.Conv2d(widths[0], cfg.in_channels, 3, padding=1)))
         self.graphs = None  # recorded sampling forwards, once record_graphs() is called
-        self.compiled = False  # by compile_blocks(): samplers then fuse their noise too (ssd.seeded_noise)
 
     def compile_blocks(self, **options):
         """Regional compilation: torch.compile each block (residual block, attention, upsample) on its own.
@@ -291,7 +290,6 @@ class UNet(nn.Module):
         for module in self.modules():
             if isinstance(module, Block):
                 module.compile(dynamic=False, **options)  # options: torch.compile's (tests use a fast backend)
-        self.compiled = True
         return self
 
     def record_graphs(self):

@@ -99,10 +99,6 @@ class MSF(nn.Module):
         self.residual.compile_blocks()
         return self
 
-    @property
-    def compiled(self):
-        return self.base.compiled
-
     def record_graphs(self):
         self.base.record_graphs()
         self.residual.record_graphs()

@@ -83,11 +83,11 @@ def parse_labels(text):
 
 def draw(method, net, index, seed=0, steps=None, sampler="ancestral", classes=None, cfg_scale=1.0, record=()):
     """The images numbered `index` (CPU int64): image k's noise is seeded by seed + k alone, its label is
-    classes[k mod len(classes)]. A compiled network's noise is made by one fused kernel."""
+    classes[k mod len(classes)]."""
     device = next(net.parameters()).device
     y = classes[index % len(classes)].to(device) if classes is not None else None
-    noise = seeded_noise((seed + index).to(device), fused=net.compiled)
-    return method.sample(net, len(index), steps, sampler, noise, y, cfg_scale, record)
+    return method.sample(net, len(index), steps, sampler, seeded_noise((seed + index).to(device)), y, cfg_scale,
+                         record)
 
 
 def generate_batches(method, net, first, stop, seed=0, steps=None, sampler="ancestral", batch_size=128,

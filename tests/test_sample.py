@@ -223,16 +223,6 @@ def test_recording_leaves_cpu_and_gradient_forwards_alone(ckpt):
     assert not net.graphs.graphs  # nothing was recorded on the CPU
 
 
-def test_a_compiled_network_draws_fused_noise(ckpt, monkeypatch):
-    method, net, _ = sample.load_model(ckpt)
-    asked, seeded_noise = [], sample.seeded_noise
-    monkeypatch.setattr(sample, "seeded_noise", lambda seeds, fused: asked.append(fused) or seeded_noise(seeds, fused))
-    sample.draw(method, net, torch.arange(2), steps=3)
-    net.compile_blocks(backend="eager")  # a fast backend: what counts here is that the network says it is compiled
-    sample.draw(method, net, torch.arange(2), steps=3)
-    assert asked == [False, True]
-
-
 def test_defaults_fit_a_cpu():
     """100 respaced steps unless told (the paper's 1000 only when asked)."""
     assert sample.parse_args([]).steps == 100 and sample.parse_args(["--steps", "1000"]).steps == 1000
