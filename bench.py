@@ -113,7 +113,7 @@ def bench_sampling(run, cfg, args, peak):
         results[f"{steps}_steps_mfu"] = 1e9 * run.method.sampling_gflops(run.ema, steps) * n / seconds / peak
         print(f"  sampling {n} images, {steps} steps: {seconds:.1f} s, "
               f"{100 * results[f'{steps}_steps_mfu']:.1f}% MFU", flush=True)
-    if cfg["compile"]:  # the first chain again with its noise made by one kernel: the before and after of fusing it
+    if args.fused_noise and cfg["compile"]:  # the first chain again, its noise made by one kernel: before and after
         steps = args.sample_steps[0]
         draw(steps, fused=True)  # compiles the noise kernel of each resolution
         results["fused_noise_s"] = roofline.cuda_seconds(lambda: draw(steps, fused=True), args.sample_repeats, 1)
@@ -218,6 +218,8 @@ def main():
     parser.add_argument("--max_batch", type=parse_bool, default=False, help="search the largest batch per GPU")
     parser.add_argument("--roofline", type=parse_bool, default=False,
                         help="also each path's FLOPs, bytes, floors and kernel time by kind (roofline.py)")
+    parser.add_argument("--fused_noise", type=parse_bool, default=False,
+                        help="also time the first sampling chain with its noise made by one kernel (compiled variants)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--compile", type=parse_bool, default=None, help="as train.py: default on CUDA")
