@@ -18,8 +18,9 @@ FID against the first max_ref training images (their statistics cached once per 
 floor is scored alongside: n training images against the same statistics, what n perfect samples would score.
 A snapshot's score, with its floor, is kept beside it (ema_<m>min.json, ema_<n>steps.json), so a second call
 scores only the new snapshots (or all of them, if --n, --steps or --max_ref changed): runs can be extended, or
-added, and the table redrawn. A kept score outlives the snapshot's weights: once they are deleted, the table is redrawn from the scores
-alone, on any machine, with no Inception weights. Sampling time is reported apart from the training time.
+added, and the table redrawn. A kept score outlives the snapshot's weights: once they are deleted, the table is
+redrawn from the scores alone, on any machine, with no Inception weights. Sampling time is reported apart from the
+training time.
 """
 import argparse
 import glob
