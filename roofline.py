@@ -105,9 +105,9 @@ def kernel_times(step, steps=3, heaviest=8):
     times, named = defaultdict(float), defaultdict(float)
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
-            ms = event.device_time_total / 1000 / steps  # microseconds -> ms
-            times[kernel_kind(event.name)] += ms
-            named[short_name(event.name), kernel_kind(event.name)] += ms
+            ms, kind = event.device_time_total / 1000 / steps, kernel_kind(event.name)  # microseconds -> ms
+            times[kind] += ms
+            named[short_name(event.name), kind] += ms
     memory_bound = sorted(((name, kind, ms) for (name, kind), ms in named.items()
                            if kind not in ("conv and matmul", "attention")), key=lambda k: -k[2])
     return dict(times), start.elapsed_time(end) / steps, memory_bound[:heaviest]
