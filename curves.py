@@ -8,6 +8,8 @@ images seen, one line per setting, in tables and one plot.
 
 Seeds of one setting are run folders named NAME_s<seed> (runs/ssd4_s0, runs/ssd4_s1): the summary table and the
 plot give each setting's mean FID over its seeds at each snapshot, with the range (the lowest and highest seed).
+Each snapshot records the hardware that counted its minutes (train.py), and seeds trained on different hardware
+are summarised apart: a minute of one GPU type is not a minute of another.
 
 Snapshots taken at steps (train.py --snapshot_steps) measure equal compute on any device, or with runs sharing one
 GPU: a variant with the cost per step of a timed run, snapshotted at the steps that run reached in its minutes,
@@ -118,7 +120,7 @@ def score(path, args, device, extractor, references, network=None):
     return dict(snapshot=path, method=ckpt["spec"]["method"], minutes=ckpt["minutes"],
                 train_seconds=ckpt["train_seconds"], step=ckpt["step"], images_seen=ckpt["images_seen"], fid=value,
                 n=n, n_ref=n_ref, max_ref=args.max_ref, steps=args.steps, sampling_seconds=sampling, data=list(key),
-                floor=floor_fid), (method, net)
+                floor=floor_fid, device=ckpt.get("device")), (method, net)
 
 
 def floor(data, args, extractor):
@@ -142,46 +144,55 @@ def setting_of(run):
     return re.sub(r"_s\d+$", "", run)
 
 
+def hardware(row):
+    """The hardware a snapshot was trained on, as train.py recorded it (older snapshots did not)."""
+    return row.get("device") or "not recorded"
+
+
 def summary(rows):
-    """Per setting and snapshot point: the number of seeds, the mean FID and its range, the mean images seen."""
+    """Per setting, hardware and snapshot point: the number of seeds, the mean FID and its range, the mean images
+    seen."""
     groups = {}
     for r in rows:
-        groups.setdefault((setting_of(r["run"]), point(r)), []).append(r)
+        groups.setdefault((setting_of(r["run"]), hardware(r), point(r)), []).append(r)
     out = []
-    for (setting, where), group in groups.items():
+    for (setting, device, where), group in groups.items():
         fids = [r["fid"] for r in group]
-        out.append(dict(setting=setting, method=group[0]["method"], point=where, minutes=group[0]["minutes"],
-                        seeds=len(group),
+        out.append(dict(setting=setting, method=group[0]["method"], device=device, point=where,
+                        minutes=group[0]["minutes"], seeds=len(group),
                         fid=statistics.mean(fids), fid_min=min(fids), fid_max=max(fids),
                         images_seen=statistics.mean(r["images_seen"] for r in group)))
     return out
 
 
 def summary_table(settings):
-    lines = ["| setting | method | snapshot | seeds | images seen | FID, mean | lowest - highest |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| setting | method | trained on | snapshot | seeds | images seen | FID, mean | lowest - highest |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in settings:
-        lines.append(f"| {r['setting']} | {r['method']} | {r['point']} | {r['seeds']} | {r['images_seen']:,.0f} | "
-                     f"{r['fid']:.2f} | {r['fid_min']:.2f} - {r['fid_max']:.2f} |")
+        lines.append(f"| {r['setting']} | {r['method']} | {r['device']} | {r['point']} | {r['seeds']} | "
+                     f"{r['images_seen']:,.0f} | {r['fid']:.2f} | {r['fid_min']:.2f} - {r['fid_max']:.2f} |")
     return "\n".join(lines)
 
 
 def table(rows):
-    lines = ["| run | method | snapshot | step | images seen | FID | sampling s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | method | trained on | snapshot | step | images seen | FID | sampling s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['method']} | {point(r)} | {r['step']:,} | {r['images_seen']:,} | "
-                     f"{r['fid']:.2f} | {r['sampling_seconds']:.1f} |")
+        lines.append(f"| {r['run']} | {r['method']} | {hardware(r)} | {point(r)} | {r['step']:,} | "
+                     f"{r['images_seen']:,} | {r['fid']:.2f} | {r['sampling_seconds']:.1f} |")
     return "\n".join(lines)
 
 
 def plot(settings, rows, path):
     """FID against training minutes (the snapshots taken at minutes) and against images seen (all of them): a
-    setting's mean over its seeds, its range shaded."""
+    setting's mean over its seeds, its range shaded; the hardware named when the runs span more than one."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for i, setting in enumerate(dict.fromkeys(r["setting"] for r in settings)):
-        mine = [r for r in settings if r["setting"] == setting]
+    several = len({r["device"] for r in settings}) > 1
+    for i, (setting, device) in enumerate(dict.fromkeys((r["setting"], r["device"]) for r in settings)):
+        mine = [r for r in settings if (r["setting"], r["device"]) == (setting, device)]
         seeds = max(r["seeds"] for r in mine)
-        label = f"{setting} ({mine[0]['method']}, {seeds} seed{'s' if seeds > 1 else ''})"
+        label = f"{setting} ({mine[0]['method']}, {seeds} seed{'s' if seeds > 1 else ''}" + (
+            f", {device.replace('NVIDIA ', '')})" if several else ")")
         timed = [r for r in mine if r["minutes"] is not None]
         for ax, points, x in ((axes[0], timed, [r["minutes"] for r in timed]),
                               (axes[1], mine, [r["images_seen"] for r in mine])):

@@ -406,15 +406,21 @@ def save_samples(run, cfg):
     return path
 
 
+def hardware(run):
+    """What the run trains on, e.g. '1 x NVIDIA H100 80GB HBM3': the clock its minutes are counted on."""
+    name = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else run.device.type
+    return f"{run.world} x {name}"
+
+
 def save_snapshot(run, cfg, minutes=None):
     """The EMA weights now, as a checkpoint that sample.py and curves.py read: named by the minutes of training it
-    was taken at, or by its step (minutes None)."""
+    was taken at, or by its step (minutes None), and marked with the hardware that counted the minutes."""
     folder = os.path.join(cfg["out_dir"], "snapshots")
     os.makedirs(folder, exist_ok=True)
     name = f"ema_{minutes:g}min.pt" if minutes is not None else f"ema_{run.step}steps.pt"
     save_checkpoint(os.path.join(folder, name),
                     dict(format=1, spec=run.spec, ema=run.ema.state_dict(), step=run.step, images_seen=run.images_seen,
-                         train_seconds=run.train_seconds, minutes=minutes, config=dict(cfg)))
+                         train_seconds=run.train_seconds, minutes=minutes, device=hardware(run), config=dict(cfg)))
 
 
 def agreed(run, seconds):
@@ -461,7 +467,7 @@ def main(argv=None):
         shares = ", ".join(f"{p.name} {100 * p.share:.3g}%" for p in run.method.paths)  # of the batches
         print(f"{cfg['dataset']} {cfg['res']} px, {len(data):,} images | {cfg['method']}, paths {shares} | "
               f"{sum(p.numel() for p in run.params) / 1e6:.2f}M parameters | global batch {cfg['batch_size']} on "
-              f"{world} x {device.type}" + (f" | resuming at step {run.step}" if cfg["resume"] else ""))
+              f"{hardware(run)}" + (f" | resuming at step {run.step}" if cfg["resume"] else ""))
     if cfg["compile"]:
         seconds = compile_paths(run, cfg, data)
         if master:

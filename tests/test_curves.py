@@ -28,6 +28,7 @@ def test_snapshots_are_taken_at_their_minutes_and_a_resumed_run_continues_the_cl
     assert names == ["ema_1e-09min.pt", "ema_2e-09min.pt"]  # the first log line is past both; 1000 min never comes
     snap = torch.load(tmp_path / "snapshots" / names[0], weights_only=True)
     assert snap["step"] == 1 and snap["minutes"] == 1e-9 and snap["train_seconds"] > 6e-8
+    assert snap["device"] == "1 x cpu"  # the hardware that counted the minutes
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     method, net, _ = sample.load_model(str(tmp_path / "snapshots" / names[0]))  # a snapshot is a checkpoint
     assert method.name == "ssd"
@@ -81,8 +82,8 @@ def test_curves_score_every_snapshot_once_and_draw_the_table(tmp_path, cache_dir
     assert all(r["fid"] > 0 and r["n"] == 6 and r["n_ref"] == 16 for r in rows)
     assert {r["method"] for r in rows} == {"ssd", "ddpm_x0"}
     text = (tmp_path / "curves" / "curves.md").read_text()
-    assert (tmp_path / "curves" / "curves.png").is_file() and "| ssd | ssd | 1e-09 min |" in text
-    assert "| ddpm | ddpm_x0 | step 2 | 1 |" in text
+    assert (tmp_path / "curves" / "curves.png").is_file() and "| ssd | ssd | 1 x cpu | 1e-09 min |" in text
+    assert "| ddpm | ddpm_x0 | 1 x cpu | step 2 | 1 |" in text
     floors = json.loads((tmp_path / "curves" / "curves.json").read_text())["floors"]
     assert len(floors) == 1 and floors[0]["n"] == 6 and floors[0]["n_ref"] == 16  # one dataset: one floor
     assert f"Floor: 6 training images of {floors[0]['dataset']} at 16 px score {floors[0]['fid']:.2f}" in text
@@ -122,8 +123,25 @@ def test_seeds_of_a_setting_are_summarised_by_their_mean_and_range():
                                                                              ("ddpm", 1, 1)]
     first = settings[0]
     assert (first["fid"], first["fid_min"], first["fid_max"], first["images_seen"]) == (62.0, 60.0, 64.0, 105)
-    assert "| ssd4 | ssd | 1 min | 2 | 105 | 62.00 | 60.00 - 64.00 |" in curves.summary_table(settings)
+    assert "| ssd4 | ssd | not recorded | 1 min | 2 | 105 | 62.00 | 60.00 - 64.00 |" in curves.summary_table(settings)
     assert curves.setting_of("my_run") == "my_run" and curves.setting_of("lr_s2_s10") == "lr_s2"
+
+
+def test_seeds_trained_on_different_hardware_are_summarised_apart(tmp_path, monkeypatch):
+    """A minute of an H100 is not a minute of an H200: their snapshots never share a mean, and the plot names both."""
+    rows = [dict(run=run, method="ssd", minutes=4, fid=fid, images_seen=seen, device=device, step=seen // 128)
+            for run, fid, seen, device in (("ssd4_s0", 37.5, 556800, "1 x NVIDIA H200"),
+                                           ("ssd4_s1", 34.4, 505600, "1 x NVIDIA H100 80GB HBM3"),
+                                           ("ssd4_s2", 35.0, 556000, "1 x NVIDIA H200"))]
+    settings = curves.summary(rows)
+    assert [(r["device"], r["seeds"], r["fid"]) for r in settings] == [("1 x NVIDIA H200", 2, 36.25),
+                                                                      ("1 x NVIDIA H100 80GB HBM3", 1, 34.4)]
+    assert "| ssd4 | ssd | 1 x NVIDIA H100 80GB HBM3 | 4 min | 1 |" in curves.summary_table(settings)
+    labels, real = [], curves.plt.Axes.plot
+    monkeypatch.setattr(curves.plt.Axes, "plot",
+                        lambda self, *a, **k: labels.append(k.get("label")) or real(self, *a, **k))
+    curves.plot(settings, [dict(r, n=2000, steps=100) for r in rows], str(tmp_path / "curves.png"))
+    assert "ssd4 (ssd, 2 seeds, 1 x H200)" in labels and "ssd4 (ssd, 1 seed, 1 x H100 80GB HBM3)" in labels
 
 
 def test_a_run_without_snapshots_is_named(tmp_path):
