@@ -423,6 +423,11 @@ def save_snapshot(run, cfg, minutes=None):
                          train_seconds=run.train_seconds, minutes=minutes, device=hardware(run), config=dict(cfg)))
 
 
+def finished(run, cfg):
+    """Whether the run has trained its steps or its minutes (the minutes are read at log lines)."""
+    return run.step >= cfg["max_steps"] or bool(cfg["time_budget"]) and run.train_seconds > 60 * cfg["time_budget"]
+
+
 def agreed(run, seconds):
     """Rank 0's clock: every rank must stop, and snapshot, at the same step."""
     if run.world > 1:
@@ -475,12 +480,15 @@ def main(argv=None):
     log = RunLog(os.path.join(cfg["out_dir"], "log.jsonl"), run.step if cfg["resume"] else None,
                  cfg["wandb_project"], dict(cfg)) if master else None
 
+    if cfg["resume"] and finished(run, cfg) and master:
+        print(f"{cfg['out_dir']} has finished its training ({run.step:,} steps, {run.train_seconds / 60:.2f} minutes); "
+              "raise --max_steps or --time_budget to train it further")
     bar = tqdm(total=cfg["max_steps"], initial=run.step, desc="training", disable=not master, dynamic_ncols=True)
     window, history, kept = Window(), {}, run.step if cfg["resume"] else None
     base, start = run.train_seconds, time.time()  # the clock: training so far, then this process's
     snapshots = sorted(m for m in cfg["snapshot_minutes"] or () if 60 * m > base)
     snapshot_steps = set(cfg["snapshot_steps"] or ())
-    while run.step < cfg["max_steps"]:
+    while not finished(run, cfg):
         t = run.method.draw_steps(per_rank, run.gens["shared"], run.gens["local"])  # one path for the whole batch
         x0, y = get_batch(data, per_rank, run.gens["local"], device)
         loss, path, grad_norm = train_step(run, cfg, x0, t, with_null_labels(run, cfg, y))
@@ -505,7 +513,7 @@ def main(argv=None):
                 if master:
                     save_snapshot(run, cfg, minutes)
             start += time.time() - paused  # snapshots do not count as training time
-            done = done or bool(cfg["time_budget"]) and run.train_seconds > 60 * cfg["time_budget"]
+            done = finished(run, cfg)
         if run.step in snapshot_steps:  # at its exact step, whatever the clock says
             run.train_seconds = agreed(run, base + time.time() - start)
             paused = time.time()
