@@ -144,7 +144,7 @@ def setting_of(run):
     return re.sub(r"_s\d+$", "", run)
 
 
-def hardware(row):
+def trained_on(row):
     """The hardware a snapshot was trained on, as train.py recorded it (older snapshots did not)."""
     return row.get("device") or "not recorded"
 
@@ -154,7 +154,7 @@ def summary(rows):
     seen."""
     groups = {}
     for r in rows:
-        groups.setdefault((setting_of(r["run"]), hardware(r), point(r)), []).append(r)
+        groups.setdefault((setting_of(r["run"]), trained_on(r), point(r)), []).append(r)
     out = []
     for (setting, device, where), group in groups.items():
         fids = [r["fid"] for r in group]
@@ -178,7 +178,7 @@ def table(rows):
     lines = ["| run | method | trained on | snapshot | step | images seen | FID | sampling s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['method']} | {hardware(r)} | {point(r)} | {r['step']:,} | "
+        lines.append(f"| {r['run']} | {r['method']} | {trained_on(r)} | {point(r)} | {r['step']:,} | "
                      f"{r['images_seen']:,} | {r['fid']:.2f} | {r['sampling_seconds']:.1f} |")
     return "\n".join(lines)
 

@@ -473,16 +473,16 @@ def main(argv=None):
         print(f"{cfg['dataset']} {cfg['res']} px, {len(data):,} images | {cfg['method']}, paths {shares} | "
               f"{sum(p.numel() for p in run.params) / 1e6:.2f}M parameters | global batch {cfg['batch_size']} on "
               f"{hardware(run)}" + (f" | resuming at step {run.step}" if cfg["resume"] else ""))
-    if cfg["compile"]:
+    if cfg["compile"] and not finished(run, cfg):
         seconds = compile_paths(run, cfg, data)
         if master:
             print(f"compiled the {len(paths)} paths in {seconds:.0f} s")
     log = RunLog(os.path.join(cfg["out_dir"], "log.jsonl"), run.step if cfg["resume"] else None,
                  cfg["wandb_project"], dict(cfg)) if master else None
-
     if cfg["resume"] and finished(run, cfg) and master:
         print(f"{cfg['out_dir']} has finished its training ({run.step:,} steps, {run.train_seconds / 60:.2f} minutes); "
               "raise --max_steps or --time_budget to train it further")
+
     bar = tqdm(total=cfg["max_steps"], initial=run.step, desc="training", disable=not master, dynamic_ncols=True)
     window, history, kept = Window(), {}, run.step if cfg["resume"] else None
     base, start = run.train_seconds, time.time()  # the clock: training so far, then this process's

@@ -232,17 +232,19 @@ def test_resume_is_exact_and_the_log_reads_as_one_run(tmp_path, cache_dir, dropo
 
 
 
-def test_a_finished_run_resumed_says_so_and_trains_no_further(tmp_path, cache_dir, capsys):
-    """Resuming a run that has trained its steps or its minutes (a queue run again after a stop) adds no steps and
-    rewrites nothing; a larger budget trains on."""
+def test_a_finished_run_resumed_says_so_and_trains_no_further(tmp_path, cache_dir, capsys, monkeypatch):
+    """Resuming a run that has trained its steps or its minutes (a queue run again after a stop) compiles nothing,
+    adds no steps and rewrites nothing; a larger budget trains on."""
     args = ("--log_every", "2", "--sample_every", "0")
     fit(tmp_path, cache_dir, "--max_steps", "2", *args)
     before = {name: (tmp_path / name).read_bytes() for name in ("ckpt.pt", "log.jsonl")}
-    for budget in (("--max_steps", "2"), ("--max_steps", "100", "--time_budget", "1e-9")):
-        capsys.readouterr()
-        fit(tmp_path, cache_dir, *budget, "--resume", "True", *args)
-        assert "has finished its training (2 steps" in capsys.readouterr().out
-        assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "compile_paths", lambda *a: pytest.fail("a finished run was compiled"))
+        for budget in (("--max_steps", "2"), ("--max_steps", "100", "--time_budget", "1e-9")):
+            capsys.readouterr()
+            fit(tmp_path, cache_dir, *budget, "--resume", "True", "--compile", "True", *args)
+            assert "has finished its training (2 steps" in capsys.readouterr().out
+            assert {name: (tmp_path / name).read_bytes() for name in before} == before
     assert fit(tmp_path, cache_dir, "--max_steps", "4", "--resume", "True", *args)["step"] == 4
 
 DDP_SCRIPT = """
