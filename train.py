@@ -473,13 +473,14 @@ def main(argv=None):
         print(f"{cfg['dataset']} {cfg['res']} px, {len(data):,} images | {cfg['method']}, paths {shares} | "
               f"{sum(p.numel() for p in run.params) / 1e6:.2f}M parameters | global batch {cfg['batch_size']} on "
               f"{hardware(run)}" + (f" | resuming at step {run.step}" if cfg["resume"] else ""))
-    if cfg["compile"] and not finished(run, cfg):
+    done = finished(run, cfg)  # a resumed run that has trained its steps or minutes trains no further
+    if cfg["compile"] and not done:
         seconds = compile_paths(run, cfg, data)
         if master:
             print(f"compiled the {len(paths)} paths in {seconds:.0f} s")
     log = RunLog(os.path.join(cfg["out_dir"], "log.jsonl"), run.step if cfg["resume"] else None,
                  cfg["wandb_project"], dict(cfg)) if master else None
-    if cfg["resume"] and finished(run, cfg) and master:
+    if cfg["resume"] and done and master:
         print(f"{cfg['out_dir']} has finished its training ({run.step:,} steps, {run.train_seconds / 60:.2f} minutes); "
               "raise --max_steps or --time_budget to train it further")
 
@@ -488,7 +489,7 @@ def main(argv=None):
     base, start = run.train_seconds, time.time()  # the clock: training so far, then this process's
     snapshots = sorted(m for m in cfg["snapshot_minutes"] or () if 60 * m > base)
     snapshot_steps = set(cfg["snapshot_steps"] or ())
-    while not finished(run, cfg):
+    while not done:  # decided after a step's log line, so the last step is logged and checkpointed
         t = run.method.draw_steps(per_rank, run.gens["shared"], run.gens["local"])  # one path for the whole batch
         x0, y = get_batch(data, per_rank, run.gens["local"], device)
         loss, path, grad_norm = train_step(run, cfg, x0, t, with_null_labels(run, cfg, y))
@@ -528,8 +529,6 @@ def main(argv=None):
             bar.write(f"drawing {cfg['sample_n']} EMA samples with {cfg['sample_steps']} steps")
             bar.write(f"samples: {save_samples(run, cfg)}")
             start += time.time() - paused  # neither do sample grids
-        if done:
-            break
     bar.close()
     if master:
         log.close()

@@ -47,6 +47,15 @@ def test_step_snapshots_are_taken_at_their_exact_steps(tmp_path, cache_dir):
     assert all(torch.equal(snap["ema"][k], v) for k, v in final["ema"].items())  # the EMA of step 3 itself
 
 
+def test_a_step_snapshot_past_the_time_budget_still_ends_on_a_logged_checkpoint(tmp_path, cache_dir):
+    """A snapshot between log lines reads the clock, past the budget here; the run still stops at its next log
+    line, with the log and the checkpoint of that step."""
+    train.main(TINY + ["--out_dir", str(tmp_path), "--cache_dir", cache_dir, "--snapshot_steps", "2", "--log_every",
+                       "5", "--time_budget", "1e-9", "--max_steps", "100"])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 5
+    assert os.listdir(tmp_path / "snapshots") == ["ema_2steps.pt"]
+
+
 def test_bad_snapshot_minutes_are_named():
     with pytest.raises(ValueError, match="--snapshot_minutes 'one': give minutes"):
         train.parse_config(["--snapshot_minutes", "one"])
