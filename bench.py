@@ -179,7 +179,7 @@ def markdown(results, args):
                                                                               key=lambda kv: -kv[1]))
             lines += ["", f"{name}, sampling {args.sample_batch} images with {args.sample_steps[0]} steps: "
                           f"{r['sample']['wall_ms'] / 1000:.2f} s, of which GPU kernels by kind (s): {kinds}"]
-            heaviest = roofline.heaviest_text(r["sample"].get("heaviest", []), scale=1e-3)
+            heaviest = roofline.heaviest_text(r["sample"]["heaviest"], scale=1e-3)
             if heaviest:
                 lines += ["", "The heaviest kernels outside the matrix products and attention (s): " +
                           "; ".join(heaviest)]

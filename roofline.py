@@ -125,9 +125,9 @@ def row(path, flops, nbytes, kernels, wall_ms, heaviest, ceiling):
                 kinds=kernels, heaviest=[list(k) for k in heaviest])
 
 
-def heaviest_text(heaviest, scale=1.0, digits=2):
+def heaviest_text(heaviest, scale=1.0):
     """(name, kind, ms) triples as text; scale 1e-3 gives seconds."""
-    return [f"{name} ({kind}) {ms * scale:.{digits}f}" for name, kind, ms in heaviest]
+    return [f"{name} ({kind}) {ms * scale:.2f}" for name, kind, ms in heaviest]
 
 
 def markdown(variant, rows, ceiling):
@@ -142,6 +142,5 @@ def markdown(variant, rows, ceiling):
         cells += [f"{r['kinds'].get(k, 0.0):.1f}" for k in kinds] + [f"{r['host_wait_ms']:.1f}"]
         lines.append(f"| {r['path']} | " + " | ".join(cells) + " |")
     lines += ["", "The heaviest kernels outside the matrix products and attention, ms per step:"]
-    lines += [f"- {r['path']}: " + "; ".join(heaviest_text(r.get("heaviest", []))) for r in rows]
+    lines += [f"- {r['path']}: " + "; ".join(heaviest_text(r["heaviest"])) for r in rows]
     return "\n".join(lines)
-

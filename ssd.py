@@ -98,8 +98,7 @@ def seeded_noise(seeds, fused=False):
     Image k is then the same whatever the batch it is drawn in or the GPU it runs on, and the noise for a whole
     batch is made by a few vectorised integer ops (no generator per image, no Python loop over the batch).
     noise(key, shape) returns N(0, I) of `shape` (B first) by Box-Muller from two hashed 32-bit counters.
-    fused: on CUDA, make it with one kernel (fused_box_muller; bench.py --fused_noise True times both, sample.py
-    draws unfused until that is measured).
+    fused: on CUDA, make it with one kernel (fused_box_muller; bench.py --fused_noise True times both).
     """
     seeds = seeds.to(torch.int64) & 0xFFFFFFFF
     make = fused_box_muller() if fused and seeds.is_cuda else box_muller
