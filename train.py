@@ -11,6 +11,7 @@ The file reads top to bottom: the settings, the training step, checkpoints, then
 with its EMA and optimiser, and the loop. python train.py --help lists every setting with its default; those
 left at None come from the preset of the model or from the device.
 """
+import contextlib
 import copy
 import math
 import os
@@ -81,7 +82,8 @@ SETTINGS = {
         ("grad_clip", None, "largest gradient norm, 0 = off (None: 1; the paper: 0)"),
         ("ema_decay", 0.9999, "EMA of the weights, warmed up as min(decay, (1 + n) / (10 + n))"),
         ("max_steps", None, "optimiser steps (None: 1M at 64 px, 300K above for the paper model; tiny 500)"),
-        ("time_budget", 0.0, "minutes of training, compilation and sample grids excluded, checked at each log line; "
+        ("time_budget", 0.0, "minutes of training (Clock: compilation, checkpoints, snapshots and sample grids "
+                             "excluded), checked at each log line; "
                              "a resumed run continues the count (0: no limit)"),
         ("snapshot_minutes", None, "save the EMA weights after these minutes of training (as time_budget counts "
                                    "them), e.g. 1,2,4,8,16: out_dir/snapshots/, for curves.py"),
@@ -236,7 +238,7 @@ class Run:
     world: int = 1
     step: int = 0
     images_seen: int = 0
-    train_seconds: float = 0.0  # training time so far, compilation and sample grids excluded
+    train_seconds: float = 0.0  # training time so far, as Clock counts it
     block_fields: dict = field(default_factory=dict)  # the monitor's measurements for the next log line
 
     def __post_init__(self):
@@ -428,13 +430,28 @@ def finished(run, cfg):
     return run.step >= cfg["max_steps"] or bool(cfg["time_budget"]) and run.train_seconds > 60 * cfg["time_budget"]
 
 
-def agreed(run, seconds):
-    """Rank 0's clock: every rank must stop, and snapshot, at the same step."""
-    if run.world > 1:
-        value = torch.tensor(seconds, dtype=torch.float64, device=run.device)
-        dist.broadcast(value, 0)
-        seconds = float(value)
-    return seconds
+class Clock:
+    """Training time, as --time_budget and --snapshot_minutes count it: the run's seconds before this process (from
+    its checkpoint) and this process's since, less its pauses. Compilation happens before the clock starts;
+    checkpoints, snapshots and sample grids pause it, so a resumed run counts the minutes an unbroken one would."""
+
+    def __init__(self, run):
+        self.run, self.start = run, time.time() - run.train_seconds
+
+    def read(self):
+        """Rank 0's reading on every rank: all ranks must stop, and snapshot, at the same step."""
+        seconds = time.time() - self.start
+        if self.run.world > 1:
+            value = torch.tensor(seconds, dtype=torch.float64, device=self.run.device)
+            dist.broadcast(value, 0)
+            seconds = float(value)
+        return seconds
+
+    @contextlib.contextmanager
+    def paused(self):
+        paused = time.time()
+        yield
+        self.start += time.time() - paused
 
 
 # -----------------------------------------------------------------------------
@@ -486,8 +503,8 @@ def main(argv=None):
 
     bar = tqdm(total=cfg["max_steps"], initial=run.step, desc="training", disable=not master, dynamic_ncols=True)
     window, history, kept = Window(), {}, run.step if cfg["resume"] else None
-    base, start = run.train_seconds, time.time()  # the clock: training so far, then this process's
-    snapshots = sorted(m for m in cfg["snapshot_minutes"] or () if 60 * m > base)
+    clock = Clock(run)
+    snapshots = sorted(m for m in cfg["snapshot_minutes"] or () if 60 * m > run.train_seconds)
     snapshot_steps = set(cfg["snapshot_steps"] or ())
     while not done:  # decided after a step's log line, so the last step is logged and checkpointed
         t = run.method.draw_steps(per_rank, run.gens["shared"], run.gens["local"])  # one path for the whole batch
@@ -507,28 +524,23 @@ def main(argv=None):
                                     (f" | mfu {100 * record['mfu']:.1f}%" if peak else ""))
             check_divergence(record, run.params, history, kept, ckpt_path)
             window = Window()
-            run.train_seconds = agreed(run, base + time.time() - start)
-            paused = time.time()
+            run.train_seconds = clock.read()
+            done = finished(run, cfg)
+        elif run.step in snapshot_steps:
+            run.train_seconds = clock.read()
+        with clock.paused():
             while snapshots and run.train_seconds >= 60 * snapshots[0]:
                 minutes = snapshots.pop(0)
                 if master:
                     save_snapshot(run, cfg, minutes)
-            start += time.time() - paused  # snapshots do not count as training time
-            done = finished(run, cfg)
-        if run.step in snapshot_steps:  # at its exact step, whatever the clock says
-            run.train_seconds = agreed(run, base + time.time() - start)
-            paused = time.time()
-            if master:
+            if run.step in snapshot_steps and master:  # at its exact step, whatever the clock says
                 save_snapshot(run, cfg)
-            start += time.time() - paused
-        if checkpoint or done:
-            save(run, cfg)
-            kept = run.step
-        if master and ((cfg["sample_every"] and run.step % cfg["sample_every"] == 0) or done):
-            paused = time.time()
-            bar.write(f"drawing {cfg['sample_n']} EMA samples with {cfg['sample_steps']} steps")
-            bar.write(f"samples: {save_samples(run, cfg)}")
-            start += time.time() - paused  # neither do sample grids
+            if checkpoint or done:
+                save(run, cfg)
+                kept = run.step
+            if master and ((cfg["sample_every"] and run.step % cfg["sample_every"] == 0) or done):
+                bar.write(f"drawing {cfg['sample_n']} EMA samples with {cfg['sample_steps']} steps")
+                bar.write(f"samples: {save_samples(run, cfg)}")
     bar.close()
     if master:
         log.close()

@@ -2,6 +2,7 @@
 (curves.py), on CPU."""
 import json
 import os
+import time
 import types
 
 import pytest
@@ -54,6 +55,16 @@ def test_a_step_snapshot_past_the_time_budget_still_ends_on_a_logged_checkpoint(
                        "5", "--time_budget", "1e-9", "--max_steps", "100"])
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 5
     assert os.listdir(tmp_path / "snapshots") == ["ema_2steps.pt"]
+
+
+def test_checkpoints_snapshots_and_sample_grids_pause_the_clock(tmp_path, cache_dir, monkeypatch):
+    """Each of them takes a second here, and the three steps' training time stays under one."""
+    for name in ("save", "save_snapshot", "save_samples"):
+        slow = getattr(train, name)
+        monkeypatch.setattr(train, name, lambda *args, slow=slow: (time.sleep(1), slow(*args))[1])
+    run = train.main(TINY + ["--out_dir", str(tmp_path), "--cache_dir", cache_dir, "--ckpt_every", "1",
+                             "--snapshot_steps", "1,2", "--sample_every", "1", "--max_steps", "3"])
+    assert run.step == 3 and run.train_seconds < 1
 
 
 def test_bad_snapshot_minutes_are_named():
