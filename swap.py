@@ -1,0 +1,126 @@
+"""
+Where a model's samples lose: draw with one model's network above a step and another model's below it, and score
+every combination with FID.
+
+    python swap.py runs/ssd4_s0/ckpt.pt runs/ddpm_s0/ckpt.pt --n 2000 --steps 100 --data_dir PATH --max_ref 6000
+
+Below SSD's first resolution change (t < 438 at four levels, METHOD.md §1) its forward process is DDPM's at full
+resolution: the same x_t given x_0, the same posterior. So a chain may run one model's levels down to that step
+and hand its x_t on to the other model's network (METHOD.md §4, swapped chains). With an SSD model A and a DDPM
+model B, the four chains A|A, A|B, B|A, B|B (above|below) separate the steps that make the layout, at low
+resolution, from the full-resolution steps that make the detail: if A|B scores near B|B, A's coarse levels are as
+good as B's steps above 438, and what A loses, it loses below.
+
+A chain keeps the sampling steps and the noise of the model above the swap, so A|A is exactly A's own samples and
+A|B starts its lower part from the very x_t that A|A does (images 0 .. n-1 from fixed per-image seeds, as
+curves.py draws them). Each combination is scored against the same reference statistics, with the floor (n
+training images) alongside.
+"""
+import argparse
+import itertools
+import json
+import os
+
+import torch
+
+import curves
+import fid
+import sample
+import ssd
+from common import parse_bool, pick_device, run_script
+from data import load_dataset, to_uint8_images
+
+
+def swap_step(above, below):
+    """The highest step at which below's network may take over from above's chain: every step under it must be
+    at full resolution in both processes (their first resolution change, or T for one level)."""
+    return min(m.ss.transitions[0] if m.ss.levels > 1 else m.ss.T for m in (above, below))
+
+
+def check_swappable(above, below, at):
+    """Refuse a swap at `at` unless the two forward processes agree on every step below it."""
+    if {above.name, below.name} - {"ssd", "ddpm_x0", "ddpm_eps"}:
+        raise ValueError(f"swap.py swaps the chains of ssd and ddpm models, and got {above.name} and {below.name}")
+    a, b = above.ss, below.ss
+    if (a.T, a.sizes[0], above.channels) != (b.T, b.sizes[0], below.channels):
+        raise ValueError(f"the two models do not share T, resolution and channels ({a.T}, {a.sizes[0]} px, "
+                         f"{above.channels}; {b.T}, {b.sizes[0]} px, {below.channels}): swap models of one dataset")
+    if above.num_classes or below.num_classes:
+        raise ValueError("swap.py draws unconditional samples; give checkpoints trained without --class_cond")
+    if not 1 <= at <= swap_step(above, below):
+        raise ValueError(f"--at {at}: below it both processes must be at full resolution, which holds from 1 to "
+                         f"{swap_step(above, below)} for these two models")
+    if not (torch.allclose(a.a[:at], b.a[:at]) and torch.allclose(a.sigma[:at], b.sigma[:at])):
+        raise ValueError(f"the two noise schedules differ below step {at} (--noise): their chains cannot meet")
+
+
+class Swapped:
+    """A method for sample.generate_batches: the chain of `above` (its process, steps and noise), whose network is
+    replaced by below's from step `at` down."""
+
+    num_classes = 0
+
+    def __init__(self, above, below, below_net, at):
+        check_swappable(above, below, at)
+        self.above, self.below, self.below_net, self.at = above, below, below_net, at
+
+    def sample(self, net, n, steps=None, sampler="ancestral", noise=None, y=None, cfg_scale=1.0, record=()):
+        high = ssd.network_denoiser(net, self.above.ss, parameterisation=self.above.parameterisation)
+        low = ssd.network_denoiser(self.below_net, self.below.ss, parameterisation=self.below.parameterisation)
+        return ssd.sample(lambda x_t, t: high(x_t, t) if t >= self.at else low(x_t, t), self.above.ss, n,
+                          self.above.channels, steps, sampler, noise, record)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpts", nargs=2, help="two checkpoints or snapshots of train.py (for example SSD and DDPM)")
+    p.add_argument("--at", type=int, help="the step below which the second network draws (default: the highest "
+                                          "possible, SSD's first resolution change)")
+    p.add_argument("--n", type=int, default=2000, help="samples per combination")
+    p.add_argument("--steps", type=int, default=100, help="respaced ancestral sampling steps")
+    p.add_argument("--batch_size", type=int, default=250)
+    p.add_argument("--data_dir", help="the training data (default: the first checkpoint's)")
+    p.add_argument("--max_ref", type=int, help="use the first N training images as the reference")
+    p.add_argument("--inception", help="Inception weights (see fid.py)")
+    p.add_argument("--cache_dir", default="cache", help="where the reference statistics are cached")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", type=parse_bool, help="torch.compile the networks (default: on CUDA)")
+    p.add_argument("--cuda_graphs", type=parse_bool, help="replay the sampling forwards as CUDA graphs (default: on "
+                                                         "CUDA)")
+    p.add_argument("--out", default=os.path.join("out", "swap"), help="folder for swap.md and swap.json")
+    args = p.parse_args(argv)
+    if args.n < 2 or args.steps < 1:
+        p.error("--n must be at least 2 and --steps at least 1")
+    device = pick_device(args.device)
+    batch = min(args.batch_size, args.n)
+    models = [sample.load_model(path, device) for path in args.ckpts]
+    at = swap_step(models[0][0], models[1][0]) if args.at is None else args.at
+    check_swappable(models[0][0], models[1][0], at)
+    for method, net, _ in models:
+        sample.speed_up(method, net, batch, None, 1.0, *sample.accelerations(args, device))
+
+    cfg = models[0][2]["config"]
+    data = load_dataset(cfg["dataset"], cfg["res"], args.data_dir or cfg["data_dir"], cfg["cache_dir"])
+    extractor = fid.load_inception(args.inception, device)
+    rows = []
+    for (i, (above, above_net, _)), (j, (below, below_net, _)) in itertools.product(enumerate(models), repeat=2):
+        chain = above if i == j else Swapped(above, below, below_net, at)
+        images = [to_uint8_images(x) for _, x in sample.generate_batches(chain, above_net, 0, args.n,
+                                                                         steps=args.steps, batch_size=batch)]
+        value = fid.fid_against_dataset(images, data, extractor, args.cache_dir, max_ref=args.max_ref)[0]
+        rows.append(dict(above=args.ckpts[i], below=args.ckpts[j], fid=value))
+        print(f"{args.ckpts[i]} | {args.ckpts[j]}: FID {value:.2f}")
+    floor = curves.floor(data, args, extractor)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "swap.json"), "w") as f:
+        json.dump(dict(at=at, n=args.n, steps=args.steps, max_ref=args.max_ref, floor=floor, chains=rows), f, indent=1)
+    text = "\n".join([f"| network above step {at} | network below | FID |", "|---|---|---|"] + [
+        f"| {r['above']} | {r['below']} | {r['fid']:.2f} |" for r in rows] + [
+        "", f"{args.n:,} samples at {args.steps} steps; floor: {args.n:,} training images score {floor:.2f}."])
+    with open(os.path.join(args.out, "swap.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    run_script(main)

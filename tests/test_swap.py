@@ -1,0 +1,86 @@
+"""Swapped chains (swap.py, METHOD.md §4): below SSD's first resolution change its chain is DDPM's, so one model's
+network may hand over to another's there."""
+import json
+
+import pytest
+import torch
+
+import fid
+import methods
+import sample
+import swap
+import train
+from degrade import ScaleSpace
+from flexi_unet import tiny_config
+from helpers import randomized
+from test_ssd import SIZE, exact_output_moments, gaussian_data, ideal_denoiser
+
+
+def handed_over(high, low, at):
+    return lambda x_t, t: high(x_t, t) if t >= at else low(x_t, t)
+
+
+@pytest.mark.parametrize("steps", [None, 100])
+def test_below_the_first_transition_ssd_and_ddpm_chains_are_one(steps):
+    """On Gaussian data the ideal denoisers of a 3-level and a 1-level process, handed over at the first transition
+    in either direction, give exactly the output law of the chain without a hand-over."""
+    mean, cov = gaussian_data()
+    ssd3, ddpm = ScaleSpace(SIZE, 3), ScaleSpace(SIZE, 1)
+    ideal3, ideal1 = ideal_denoiser(ssd3, mean, cov), ideal_denoiser(ddpm, mean, cov)
+    at = ssd3.transitions[0]
+    for chain, high, low in ((ssd3, ideal3, ideal1), (ddpm, ideal1, ideal3)):
+        own_mean, own_cov = exact_output_moments(chain, high, steps=steps)
+        out_mean, out_cov = exact_output_moments(chain, handed_over(high, low, at), steps=steps)
+        assert (out_mean - own_mean).abs().max() < 1e-12 and (out_cov - own_cov).abs().max() < 1e-12
+    # The check can fail: a process with another noise schedule is another chain below the transition too.
+    cosine = ScaleSpace(SIZE, 1, noise="cosine")
+    out_mean, out_cov = exact_output_moments(ssd3, handed_over(ideal3, ideal_denoiser(cosine, mean, cov), at), steps=steps)
+    own_mean, own_cov = exact_output_moments(ssd3, ideal3, steps=steps)
+    assert (out_cov - own_cov).abs().max() > 1e-3
+
+
+def tiny_method(levels, seed, **scale_space):
+    method = methods.from_spec(methods.ssd_spec("ssd" if levels > 1 else "ddpm_x0", tiny_config(16, levels),
+                                                dict(res=16, levels=levels, **scale_space)))
+    return method, randomized(method.build_model(), seed).eval()
+
+
+def test_a_swap_keeps_the_chain_above_and_changes_it_below():
+    (ssd2, ssd_net), (ddpm, ddpm_net) = tiny_method(2, 0), tiny_method(1, 1)
+    at = swap.swap_step(ssd2, ddpm)
+    assert at == ssd2.ss.transitions[0] == 750
+    own = sample.generate(ssd2, ssd_net, 3, steps=6)
+    assert torch.equal(sample.generate(swap.Swapped(ssd2, ssd2, ssd_net, at), ssd_net, 3, steps=6), own)
+    swapped = sample.generate(swap.Swapped(ssd2, ddpm, ddpm_net, at), ssd_net, 3, steps=6)
+    assert swapped.shape == own.shape and (swapped - own).abs().max() > 0.1
+
+
+def test_impossible_swaps_are_refused():
+    ssd2, ddpm = tiny_method(2, 0)[0], tiny_method(1, 1)[0]
+    with pytest.raises(ValueError, match="--at 751: below it both processes must be at full resolution, which "
+                                         "holds from 1 to 750"):
+        swap.check_swappable(ssd2, ddpm, 751)
+    with pytest.raises(ValueError, match=r"noise schedules differ below step 750 \(--noise\)"):
+        swap.check_swappable(ssd2, tiny_method(1, 1, noise="cosine")[0], 750)
+    other = methods.from_spec(methods.ssd_spec("ddpm_x0", tiny_config(8, 1), dict(res=8, levels=1)))
+    with pytest.raises(ValueError, match="do not share T, resolution and channels"):
+        swap.check_swappable(ssd2, other, 10)
+
+
+def test_swap_scores_the_four_chains(tmp_path, monkeypatch, capsys):
+    ckpts = []
+    for name, extra in (("ssd", ["--levels", "2"]), ("ddpm", ["--method", "ddpm_x0"])):
+        train.main(["--out_dir", str(tmp_path / name), "--res", "16", "--cache_dir", str(tmp_path / "data"),
+                    "--max_steps", "2", "--batch_size", "4", "--lr", "1e-2", "--warmup", "0", "--sample_every", "0",
+                    "--sample_n", "2", "--sample_steps", "3", *extra])
+        ckpts.append(str(tmp_path / name / "ckpt.pt"))
+    torch.manual_seed(0)  # a tiny random feature network stands in for Inception
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 13, stride=13), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+    monkeypatch.setattr(fid, "load_inception", lambda path, device: fid.InceptionFeatures(net, "tiny", device))
+    swap.main([*ckpts, "--n", "6", "--steps", "4", "--batch_size", "4", "--max_ref", "16", "--cache_dir",
+               str(tmp_path / "fid_cache"), "--out", str(tmp_path / "swap"), "--device", "cpu"])
+    result = json.loads((tmp_path / "swap" / "swap.json").read_text())
+    assert result["at"] == 750 and 0 <= result["floor"]
+    assert [(r["above"], r["below"]) for r in result["chains"]] == [(a, b) for a in ckpts for b in ckpts]
+    assert all(r["fid"] > 0 for r in result["chains"])
+    assert f"| {ckpts[0]} | {ckpts[1]} |" in (tmp_path / "swap" / "swap.md").read_text()
