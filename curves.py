@@ -216,13 +216,12 @@ def plot(settings, rows, path):
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run folders of train.py --snapshot_minutes or --snapshot_steps")
-    p.add_argument("--n", type=int, default=2000, help="samples per snapshot")
+def add_scoring_arguments(p):
+    """The settings of an FID score, shared with swap.py: what is drawn, against what, and on which device."""
+    p.add_argument("--n", type=int, default=2000, help="samples per score")
     p.add_argument("--steps", type=int, default=100, help="respaced ancestral sampling steps")
     p.add_argument("--batch_size", type=int, default=250)
-    p.add_argument("--data_dir", help="the training data (default: each run's own)")
+    p.add_argument("--data_dir", help="the training data (default: the checkpoint's own)")
     p.add_argument("--max_ref", type=int, help="use the first N training images as the reference")
     p.add_argument("--inception", help="Inception weights (see fid.py)")
     p.add_argument("--cache_dir", default="cache", help="where the reference statistics are cached")
@@ -230,10 +229,20 @@ def main(argv=None):
     p.add_argument("--compile", type=parse_bool, help="torch.compile the network (default: on CUDA)")
     p.add_argument("--cuda_graphs", type=parse_bool, help="replay the sampling forwards as CUDA graphs (default: on "
                                                          "CUDA)")
-    p.add_argument("--out", default=os.path.join("out", "curves"), help="folder for curves.md, .json and .png")
-    args = p.parse_args(argv)
+
+
+def check_scoring_arguments(p, args):
     if args.n < 2 or args.steps < 1:
         p.error("--n must be at least 2 and --steps at least 1")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders of train.py --snapshot_minutes or --snapshot_steps")
+    add_scoring_arguments(p)
+    p.add_argument("--out", default=os.path.join("out", "curves"), help="folder for curves.md, .json and .png")
+    args = p.parse_args(argv)
+    check_scoring_arguments(p, args)
     device = pick_device(args.device)
     files = {run: snapshots(run) for run in args.runs}
     kept = {stem: kept_score(stem, args) for stems in files.values() for stem in stems}  # all checked before any work

@@ -27,7 +27,7 @@ import curves
 import fid
 import sample
 import ssd
-from common import parse_bool, pick_device, run_script
+from common import pick_device, run_script
 from data import load_dataset, to_uint8_images
 
 
@@ -76,21 +76,10 @@ def main(argv=None):
     p.add_argument("ckpts", nargs=2, help="two checkpoints or snapshots of train.py (for example SSD and DDPM)")
     p.add_argument("--at", type=int, help="the step below which the second network draws (default: the highest "
                                           "possible, SSD's first resolution change)")
-    p.add_argument("--n", type=int, default=2000, help="samples per combination")
-    p.add_argument("--steps", type=int, default=100, help="respaced ancestral sampling steps")
-    p.add_argument("--batch_size", type=int, default=250)
-    p.add_argument("--data_dir", help="the training data (default: the first checkpoint's)")
-    p.add_argument("--max_ref", type=int, help="use the first N training images as the reference")
-    p.add_argument("--inception", help="Inception weights (see fid.py)")
-    p.add_argument("--cache_dir", default="cache", help="where the reference statistics are cached")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--compile", type=parse_bool, help="torch.compile the networks (default: on CUDA)")
-    p.add_argument("--cuda_graphs", type=parse_bool, help="replay the sampling forwards as CUDA graphs (default: on "
-                                                         "CUDA)")
+    curves.add_scoring_arguments(p)
     p.add_argument("--out", default=os.path.join("out", "swap"), help="folder for swap.md and swap.json")
     args = p.parse_args(argv)
-    if args.n < 2 or args.steps < 1:
-        p.error("--n must be at least 2 and --steps at least 1")
+    curves.check_scoring_arguments(p, args)
     device = pick_device(args.device)
     batch = min(args.batch_size, args.n)
     models = [sample.load_model(path, device) for path in args.ckpts]
