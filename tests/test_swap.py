@@ -65,6 +65,12 @@ def test_impossible_swaps_are_refused():
     other = methods.from_spec(methods.ssd_spec("ddpm_x0", tiny_config(8, 1), dict(res=8, levels=1)))
     with pytest.raises(ValueError, match="do not share T, resolution and channels"):
         swap.check_swappable(ssd2, other, 10)
+    labelled = methods.from_spec(methods.ssd_spec("ddpm_x0", tiny_config(16, 1, num_classes=10), dict(res=16, levels=1)))
+    with pytest.raises(ValueError, match="trained without --class_cond"):
+        swap.check_swappable(ssd2, labelled, 10)
+    msf = methods.from_spec(train.method_spec(train.parse_config(["--res", "16", "--method", "msf"]), 1, 0))
+    with pytest.raises(ValueError, match="swaps the chains of ssd and ddpm models, and got ssd and msf"):
+        swap.check_swappable(ssd2, msf, 10)
 
 
 def test_swap_scores_the_four_chains(tmp_path, monkeypatch, capsys):
