@@ -33,9 +33,9 @@ def test_below_the_first_transition_ssd_and_ddpm_chains_are_one(steps):
         out_mean, out_cov = exact_output_moments(chain, handed_over(high, low, at), steps=steps)
         assert (out_mean - own_mean).abs().max() < 1e-12 and (out_cov - own_cov).abs().max() < 1e-12
     # The check can fail: a process with another noise schedule is another chain below the transition too.
-    cosine = ScaleSpace(SIZE, 1, noise="cosine")
-    out_mean, out_cov = exact_output_moments(ssd3, handed_over(ideal3, ideal_denoiser(cosine, mean, cov), at), steps=steps)
-    own_mean, own_cov = exact_output_moments(ssd3, ideal3, steps=steps)
+    ideal_cosine = ideal_denoiser(ScaleSpace(SIZE, 1, noise="cosine"), mean, cov)
+    _, out_cov = exact_output_moments(ssd3, handed_over(ideal3, ideal_cosine, at), steps=steps)
+    _, own_cov = exact_output_moments(ssd3, ideal3, steps=steps)
     assert (out_cov - own_cov).abs().max() > 1e-3
 
 
@@ -65,7 +65,8 @@ def test_impossible_swaps_are_refused():
     other = methods.from_spec(methods.ssd_spec("ddpm_x0", tiny_config(8, 1), dict(res=8, levels=1)))
     with pytest.raises(ValueError, match="do not share T, resolution and channels"):
         swap.check_swappable(ssd2, other, 10)
-    labelled = methods.from_spec(methods.ssd_spec("ddpm_x0", tiny_config(16, 1, num_classes=10), dict(res=16, levels=1)))
+    labelled = methods.from_spec(methods.ssd_spec("ddpm_x0", tiny_config(16, 1, num_classes=10),
+                                                  dict(res=16, levels=1)))
     with pytest.raises(ValueError, match="trained without --class_cond"):
         swap.check_swappable(ssd2, labelled, 10)
     msf = methods.from_spec(train.method_spec(train.parse_config(["--res", "16", "--method", "msf"]), 1, 0))
