@@ -84,7 +84,8 @@ def main(argv=None):
     batch = min(args.batch_size, args.n)
     models = [sample.load_model(path, device) for path in args.ckpts]
     at = swap_step(models[0][0], models[1][0]) if args.at is None else args.at
-    check_swappable(models[0][0], models[1][0], at)
+    chains = {(i, j): above if i == j else Swapped(above, below, below_net, at)  # an impossible swap stops here
+              for (i, (above, _, _)), (j, (below, below_net, _)) in itertools.product(enumerate(models), repeat=2)}
     for method, net, _ in models:
         sample.speed_up(method, net, batch, None, 1.0, *sample.accelerations(args, device))
 
@@ -92,9 +93,8 @@ def main(argv=None):
     data = load_dataset(cfg["dataset"], cfg["res"], args.data_dir or cfg["data_dir"], cfg["cache_dir"])
     extractor = fid.load_inception(args.inception, device)
     rows = []
-    for (i, (above, above_net, _)), (j, (below, below_net, _)) in itertools.product(enumerate(models), repeat=2):
-        chain = above if i == j else Swapped(above, below, below_net, at)
-        images = [to_uint8_images(x) for _, x in sample.generate_batches(chain, above_net, 0, args.n,
+    for (i, j), chain in chains.items():
+        images = [to_uint8_images(x) for _, x in sample.generate_batches(chain, models[i][1], 0, args.n,
                                                                          steps=args.steps, batch_size=batch)]
         value = fid.fid_against_dataset(images, data, extractor, args.cache_dir, max_ref=args.max_ref)[0]
         rows.append(dict(above=args.ckpts[i], below=args.ckpts[j], fid=value))
