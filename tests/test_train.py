@@ -231,7 +231,6 @@ def test_resume_is_exact_and_the_log_reads_as_one_run(tmp_path, cache_dir, dropo
     assert len({path for r in logs[0] for path in r["loss_per_path"]}) > 1  # the level changes across the resume
 
 
-
 def test_a_finished_run_resumed_says_so_and_trains_no_further(tmp_path, cache_dir, capsys, monkeypatch):
     """Resuming a run that has trained its steps or its minutes (a queue run again after a stop) compiles nothing,
     adds no steps and rewrites nothing; a larger budget trains on."""
@@ -246,6 +245,7 @@ def test_a_finished_run_resumed_says_so_and_trains_no_further(tmp_path, cache_di
             assert "has finished its training (2 steps" in capsys.readouterr().out
             assert {name: (tmp_path / name).read_bytes() for name in before} == before
     assert fit(tmp_path, cache_dir, "--max_steps", "4", "--resume", "True", *args)["step"] == 4
+
 
 DDP_SCRIPT = """
 import os
