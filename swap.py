@@ -9,7 +9,11 @@ resolution: the same x_t given x_0, the same posterior. So a chain may run one m
 and hand its x_t on to the other model's network (METHOD.md §4, swapped chains). With an SSD model A and a DDPM
 model B, the four chains A|A, A|B, B|A, B|B (above|below) separate the steps that make the layout, at low
 resolution, from the full-resolution steps that make the detail: if A|B scores near B|B, A's coarse levels are as
-good as B's steps above 438, and what A loses, it loses below.
+good as B's steps above 438, and what A loses, it loses below. Two models of one process (SSD with and without
+--flexi, or with two seeds) share every step, and --at may then be any step, for example a later resolution
+change, to find the level where one model loses:
+
+    python swap.py runs/ssd4_s1/ckpt.pt runs/ssd4full_s1/ckpt.pt --at 750 --n 2000 --steps 100 --max_ref 6000
 
 A chain keeps the sampling steps and the noise of the model above the swap, so A|A is exactly A's own samples and
 A|B starts its lower part from the very x_t that A|A does (images 0 .. n-1 from fixed per-image seeds, as
@@ -31,10 +35,23 @@ from common import pick_device, run_script
 from data import load_dataset, to_uint8_images
 
 
+def shared_steps(a, b):
+    """How many steps, from t = 0 up, two forward processes of one T share: x_t of the same size, made by the same
+    operator R_{1:t} (the same ladder of sizes and resize), with the same a_t and sigma_t. Below that step the two
+    chains are one, and either model's network may draw them."""
+    n = min(a.T, b.T)
+    same_operator = torch.tensor([a.sizes[:la + 1] == b.sizes[:lb + 1] and (la == 0 or a.op == b.op)
+                                  for la, lb in zip(a.level[:n].tolist(), b.level[:n].tolist())])
+    same = (same_operator & torch.isclose(a.a[:n], b.a[:n], rtol=1e-9, atol=0)
+            & torch.isclose(a.sigma[:n], b.sigma[:n], rtol=1e-9, atol=0))
+    return n if same.all() else int(same.logical_not().nonzero()[0])
+
+
 def swap_step(above, below):
-    """The highest step at which below's network may take over from above's chain: every step under it must be
-    at full resolution in both processes (their first resolution change, or T for one level)."""
-    return min(m.ss.transitions[0] if m.ss.levels > 1 else m.ss.T for m in (above, below))
+    """The default hand-over: the first resolution change of either process (the step that splits SSD's layout
+    from its detail), or where the steps the two share end, if that comes first."""
+    first_changes = [m.ss.transitions[0] for m in (above, below) if m.ss.levels > 1]
+    return min(first_changes + [shared_steps(above.ss, below.ss)])
 
 
 def check_swappable(above, below, at):
@@ -47,11 +64,12 @@ def check_swappable(above, below, at):
                          f"{above.channels}; {b.T}, {b.sizes[0]} px, {below.channels}): swap models of one dataset")
     if above.num_classes or below.num_classes:
         raise ValueError("swap.py draws unconditional samples; give checkpoints trained without --class_cond")
-    if not 1 <= at <= swap_step(above, below):
-        raise ValueError(f"--at {at}: below it both processes must be at full resolution, which holds from 1 to "
-                         f"{swap_step(above, below)} for these two models")
-    if not (torch.allclose(a.a[:at], b.a[:at]) and torch.allclose(a.sigma[:at], b.sigma[:at])):
-        raise ValueError(f"the two noise schedules differ below step {at} (--noise): their chains cannot meet")
+    shared = shared_steps(a, b)
+    if shared == 0:  # at t = 0 both are at full resolution: only a_0, sigma_0 can differ
+        raise ValueError("the two noise schedules differ (--noise): their chains never meet")
+    if not 1 <= at <= shared:
+        raise ValueError(f"--at {at}: the two forward processes are one (the size of x_t, its operator and noise "
+                         f"level) only below step {shared}: pass --at from 1 to {shared}")
 
 
 class Swapped:
@@ -74,8 +92,8 @@ class Swapped:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpts", nargs=2, help="two checkpoints or snapshots of train.py (for example SSD and DDPM)")
-    p.add_argument("--at", type=int, help="the step below which the second network draws (default: the highest "
-                                          "possible, SSD's first resolution change)")
+    p.add_argument("--at", type=int, help="the step below which the second network draws (default: the first "
+                                          "resolution change; any step the two processes share)")
     curves.add_scoring_arguments(p)
     p.add_argument("--out", default=os.path.join("out", "swap"), help="folder for swap.md and swap.json")
     args = p.parse_args(argv)

@@ -55,12 +55,37 @@ def test_a_swap_keeps_the_chain_above_and_changes_it_below():
     assert swapped.shape == own.shape and (swapped - own).abs().max() > 0.1
 
 
+def test_the_steps_two_processes_share():
+    """SSD and DDPM share the steps below SSD's first resolution change; two models of one process share all T;
+    another schedule of levels, another resize or another noise schedule ends the sharing where it first tells."""
+    ssd3 = ScaleSpace(16, 3)
+    assert ssd3.transitions == [555, 889]
+    assert swap.shared_steps(ssd3, ScaleSpace(16, 1)) == 555
+    assert swap.shared_steps(ssd3, ScaleSpace(16, 3)) == 1000
+    assert swap.shared_steps(ssd3, ScaleSpace(16, 3, gamma=0.7)) == 440  # its first change comes first
+    assert swap.shared_steps(ssd3, ScaleSpace(16, 3, transitions=[555, 900])) == 889
+    assert swap.shared_steps(ssd3, ScaleSpace(16, 3, op="box")) == 555
+    assert swap.shared_steps(ssd3, ScaleSpace(16, 3, preserve_snr=True)) == 555  # a gain only above level 0
+    assert swap.shared_steps(ssd3, ScaleSpace(16, 1, noise="cosine")) == 0
+
+
+def test_models_of_one_process_swap_at_any_step():
+    (ssd2, net), (other, other_net) = tiny_method(2, 0), tiny_method(2, 1)
+    assert swap.swap_step(ssd2, other) == 750  # the default: the first resolution change
+    own = sample.generate(ssd2, net, 3, steps=6)
+    swapped = sample.generate(swap.Swapped(ssd2, other, other_net, 900), net, 3, steps=6)  # above it
+    assert swapped.shape == own.shape and (swapped - own).abs().max() > 0.1
+    swap.check_swappable(ssd2, other, 1000)
+    with pytest.raises(ValueError, match="only below step 750"):
+        swap.check_swappable(ssd2, tiny_method(1, 1)[0], 900)
+
+
 def test_impossible_swaps_are_refused():
     ssd2, ddpm = tiny_method(2, 0)[0], tiny_method(1, 1)[0]
-    with pytest.raises(ValueError, match="--at 751: below it both processes must be at full resolution, which "
-                                         "holds from 1 to 750"):
+    with pytest.raises(ValueError, match=r"--at 751: the two forward processes are one \(the size of x_t, its "
+                                         r"operator and noise level\) only below step 750: pass --at from 1 to 750"):
         swap.check_swappable(ssd2, ddpm, 751)
-    with pytest.raises(ValueError, match=r"noise schedules differ below step 750 \(--noise\)"):
+    with pytest.raises(ValueError, match=r"the two noise schedules differ \(--noise\): their chains never meet"):
         swap.check_swappable(ssd2, tiny_method(1, 1, noise="cosine")[0], 750)
     other = methods.from_spec(methods.ssd_spec("ddpm_x0", tiny_config(8, 1), dict(res=8, levels=1)))
     with pytest.raises(ValueError, match="do not share T, resolution and channels"):
