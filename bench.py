@@ -12,9 +12,10 @@ full resolution, DDPM-x0) and "msf" (msf.py), each with optional suffixes that t
 -eager (no torch.compile), -nograph (no CUDA graphs, in training or sampling), -cl (channels-last), -paperattn
 (the paper's attention, no QK-norm), -fp32attn (the paper's attention in float32). Training time is measured per
 path and averaged with the share of batches each path gets (methods.py); compilation and warm-up are excluded,
-CUDA is synchronised, and each figure is the median of several repeats. Memory: "peak GB" is the most allocated at once; with CUDA graphs the
-recorded paths' activations live in the graphs' own pool, so "reserved GB" (all the process holds) is the figure
-that compares. Results go to OUT/bench_<res>px.json and .md.
+CUDA is synchronised, and each figure is the median of several repeats. Memory: "peak GB" is the most allocated at
+once; with CUDA graphs the recorded paths' activations live in the graphs' own pool, so "reserved GB" (all the
+process holds) is the figure that compares. Results go to OUT/bench_<res>px.json and .md, rewritten after each
+measurement, so a run cut short keeps what it finished.
 """
 import argparse
 import json
@@ -247,12 +248,21 @@ def main():
             row = results["variants"][variant] = {}
             if args.train:
                 row["train"] = bench_training(run, cfg, data, args, peak, ceiling)
+                save(results, args)
             if args.sample:
                 row["sample"] = bench_sampling(run, cfg, args, peak)
+                save(results, args)
             if args.max_batch:
                 row["max_batch"] = largest_batch(run, cfg, data)
+                save(results, args)
         del run
         torch.cuda.empty_cache()
+    print(save(results, args))
+
+
+def save(results, args):
+    """Write the results so far to OUT/bench_<res>px.json and .md, and return the table: a run cut short (a time
+    limit, an out-of-memory error) keeps every measurement it finished."""
     results["ratios"] = ratios(results["variants"], args.sample_steps)
     stem = os.path.join(args.out, f"bench_{args.res}px")
     with open(stem + ".json", "w") as f:
@@ -260,7 +270,7 @@ def main():
     table = markdown(results, args)
     with open(stem + ".md", "w") as f:
         f.write(table + "\n")
-    print(table)
+    return table
 
 
 if __name__ == "__main__":

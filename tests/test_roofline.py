@@ -1,4 +1,6 @@
 """roofline.py: kernels sorted by kind, bytes counted per aten operation, and the table's arithmetic (CPU)."""
+import json
+
 import pytest
 import torch
 
@@ -100,3 +102,17 @@ def test_the_bench_tables_read_every_field_the_bench_writes():
     assert "- 64->64: at::native::elementwise_kernel (other) 5.00" in table
     assert "(s): triton_red_fused_native_group_norm_0 (Inductor reductions) 0.42" in table
     assert "the noise made by one kernel (ssd.fused_box_muller): 9.50 s, against 10.00 s" in table
+
+
+def test_the_bench_writes_what_it_has_measured_so_far(tmp_path):
+    """bench.save after each measurement: a variant still being measured shows as dashes, the finished ones in full."""
+    import bench
+    train_row = dict(paths=[], compile_s=3.0, ms_per_step=80.0, images_per_s=1600.0, tflops=270.0, mfu=0.28,
+                     peak_mem_gb=2.0, reserved_gb=9.0)
+    results = dict(device="GPU", date="2026-12-06", command="python bench.py", variants={"ssd": dict(train=train_row),
+                                                                                       "full": {}})
+    args = type("Args", (), dict(res=64, levels=4, sample_steps=[100], sample_batch=250, out=str(tmp_path)))
+    table = bench.save(results, args)
+    assert "| ssd | 80.0 | 1600 | 270 | 28.0% | 2.0 | 9.0 | - |" in table and "| full | - | - |" in table
+    assert (tmp_path / "bench_64px.md").read_text() == table + "\n"
+    assert json.loads((tmp_path / "bench_64px.json").read_text())["variants"]["ssd"]["train"]["mfu"] == 0.28
