@@ -10,10 +10,10 @@ and hand its x_t on to the other model's network (METHOD.md §4, swapped chains)
 model B, the four chains A|A, A|B, B|A, B|B (above|below) separate the steps that make the layout, at low
 resolution, from the full-resolution steps that make the detail: if A|B scores near B|B, A's coarse levels are as
 good as B's steps above 438, and what A loses, it loses below. Two models of one process (SSD with and without
---flexi, or with two seeds) share every step, and --at may then be any step, for example a later resolution
-change, to find the level where one model loses:
+--flexi, or with two seeds) share every step, and --at may then name any steps, for example each resolution
+change, to find the level where one model loses (each model's own chain is drawn once, then two per step):
 
-    python swap.py runs/ssd4_s1/ckpt.pt runs/ssd4full_s1/ckpt.pt --at 750 --n 2000 --steps 100 --max_ref 6000
+    python swap.py runs/ssd4_s1/ckpt.pt runs/ssd4full_s1/ckpt.pt --at 438,750,937 --n 2000 --steps 100 --max_ref 6000
 
 A chain keeps the sampling steps and the noise of the model above the swap, so A|A is exactly A's own samples and
 A|B starts its lower part from the very x_t that A|A does (images 0 .. n-1 from fixed per-image seeds, as
@@ -92,18 +92,24 @@ class Swapped:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpts", nargs=2, help="two checkpoints or snapshots of train.py (for example SSD and DDPM)")
-    p.add_argument("--at", type=int, help="the step below which the second network draws (default: the first "
-                                          "resolution change; any step the two processes share)")
+    p.add_argument("--at", help="the steps below which the other network draws, one or a comma list such as "
+                                "438,750,937 (default: the first resolution change; any step the processes share)")
     curves.add_scoring_arguments(p)
     p.add_argument("--out", default=os.path.join("out", "swap"), help="folder for swap.md and swap.json")
     args = p.parse_args(argv)
     curves.check_scoring_arguments(p, args)
+    try:
+        ats = [int(step) for step in args.at.split(",")] if args.at else None
+    except ValueError:
+        p.error(f"--at {args.at}: give steps such as 438 or 438,750,937")
     device = pick_device(args.device)
     batch = min(args.batch_size, args.n)
     models = [sample.load_model(path, device) for path in args.ckpts]
-    at = swap_step(models[0][0], models[1][0]) if args.at is None else args.at
-    chains = {(i, j): above if i == j else Swapped(above, below, below_net, at)  # an impossible swap stops here
-              for (i, (above, _, _)), (j, (below, below_net, _)) in itertools.product(enumerate(models), repeat=2)}
+    ats = ats or [swap_step(models[0][0], models[1][0])]
+    # Each model's own chain once, then the two swapped chains of every hand-over step.
+    chains = {(i, i, None): models[i][0] for i in (0, 1)}
+    for at, (i, j) in itertools.product(ats, ((0, 1), (1, 0))):
+        chains[i, j, at] = Swapped(models[i][0], models[j][0], models[j][1], at)  # an impossible swap stops here
     for method, net, _ in models:
         sample.speed_up(method, net, batch, None, 1.0, *sample.accelerations(args, device))
 
@@ -111,18 +117,19 @@ def main(argv=None):
     data = load_dataset(cfg["dataset"], cfg["res"], args.data_dir or cfg["data_dir"], cfg["cache_dir"])
     extractor = fid.load_inception(args.inception, device)
     rows = []
-    for (i, j), chain in chains.items():
+    for (i, j, at), chain in chains.items():
         images = [to_uint8_images(x) for _, x in sample.generate_batches(chain, models[i][1], 0, args.n,
                                                                          steps=args.steps, batch_size=batch)]
         value = fid.fid_against_dataset(images, data, extractor, args.cache_dir, max_ref=args.max_ref)[0]
-        rows.append(dict(above=args.ckpts[i], below=args.ckpts[j], fid=value))
-        print(f"{args.ckpts[i]} | {args.ckpts[j]}: FID {value:.2f}")
+        rows.append(dict(above=args.ckpts[i], below=args.ckpts[j], at=at, fid=value))
+        print(f"{args.ckpts[i]} | {args.ckpts[j]}" + (f" at step {at}" if at else "") + f": FID {value:.2f}")
     floor = curves.floor(data, args, extractor)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "swap.json"), "w") as f:
-        json.dump(dict(at=at, n=args.n, steps=args.steps, max_ref=args.max_ref, floor=floor, chains=rows), f, indent=1)
-    text = "\n".join([f"| network above step {at} | network below | FID |", "|---|---|---|"] + [
-        f"| {r['above']} | {r['below']} | {r['fid']:.2f} |" for r in rows] + [
+        json.dump(dict(at=ats, n=args.n, steps=args.steps, max_ref=args.max_ref, floor=floor, chains=rows), f,
+                  indent=1)
+    text = "\n".join(["| network above the hand-over | network below | hand-over step | FID |", "|---|---|---|---|"] + [
+        f"| {r['above']} | {r['below']} | {r['at'] or 'none'} | {r['fid']:.2f} |" for r in rows] + [
         "", f"{args.n:,} samples at {args.steps} steps; floor: {args.n:,} training images score {floor:.2f}."])
     with open(os.path.join(args.out, "swap.md"), "w") as f:
         f.write(text + "\n")

@@ -99,7 +99,13 @@ def test_impossible_swaps_are_refused():
         swap.check_swappable(ssd2, msf, 10)
 
 
-def test_swap_scores_the_four_chains(tmp_path, monkeypatch, capsys):
+def test_hand_over_steps_must_be_integers(capsys):
+    with pytest.raises(SystemExit):
+        swap.main(["a.pt", "b.pt", "--at", "438,late"])
+    assert "--at 438,late: give steps such as 438 or 438,750,937" in capsys.readouterr().err
+
+
+def test_swap_scores_each_own_chain_once_and_two_per_hand_over_step(tmp_path, monkeypatch):
     ckpts = []
     for name, extra in (("ssd", ["--levels", "2"]), ("ddpm", ["--method", "ddpm_x0"])):
         train.main(["--out_dir", str(tmp_path / name), "--res", "16", "--cache_dir", str(tmp_path / "data"),
@@ -109,10 +115,17 @@ def test_swap_scores_the_four_chains(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)  # a tiny random feature network stands in for Inception
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 13, stride=13), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
     monkeypatch.setattr(fid, "load_inception", lambda path, device: fid.InceptionFeatures(net, "tiny", device))
-    swap.main([*ckpts, "--n", "6", "--steps", "4", "--batch_size", "4", "--max_ref", "16", "--cache_dir",
-               str(tmp_path / "fid_cache"), "--out", str(tmp_path / "swap"), "--device", "cpu"])
-    result = json.loads((tmp_path / "swap" / "swap.json").read_text())
-    assert result["at"] == 750 and 0 <= result["floor"]
-    assert [(r["above"], r["below"]) for r in result["chains"]] == [(a, b) for a in ckpts for b in ckpts]
-    assert all(r["fid"] > 0 for r in result["chains"])
-    assert f"| {ckpts[0]} | {ckpts[1]} |" in (tmp_path / "swap" / "swap.md").read_text()
+    scoring = [*ckpts, "--n", "6", "--steps", "4", "--batch_size", "4", "--max_ref", "16", "--cache_dir",
+               str(tmp_path / "fid_cache"), "--device", "cpu"]
+    swap.main([*scoring, "--out", str(tmp_path / "one")])
+    result = json.loads((tmp_path / "one" / "swap.json").read_text())
+    (a, b), table = ckpts, (tmp_path / "one" / "swap.md").read_text()
+    assert result["at"] == [750] and 0 <= result["floor"]  # by default, SSD's first resolution change
+    assert [(r["above"], r["below"], r["at"]) for r in result["chains"]] == [
+        (a, a, None), (b, b, None), (a, b, 750), (b, a, 750)]
+    assert all(r["fid"] > 0 for r in result["chains"]) and f"| {a} | {b} | 750 |" in table
+    swap.main([*scoring, "--at", "300,750", "--out", str(tmp_path / "two")])
+    rows = json.loads((tmp_path / "two" / "swap.json").read_text())["chains"]
+    assert [(r["above"], r["below"], r["at"]) for r in rows] == [
+        (a, a, None), (b, b, None), (a, b, 300), (b, a, 300), (a, b, 750), (b, a, 750)]
+    assert rows[0]["fid"] == result["chains"][0]["fid"]  # the same own chain, drawn from the same seeds
