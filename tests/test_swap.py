@@ -1,5 +1,5 @@
 """Swapped chains (swap.py, METHOD.md §4): below SSD's first resolution change its chain is DDPM's, so one model's
-network may hand over to another's there."""
+network may hand over to another's there; two models of one process may hand over at any step."""
 import json
 
 import pytest
