@@ -195,15 +195,22 @@ def ddim_step(ss, x_t, x0_hat, t, s, xi):
     return mu_s + float(ss.sigma[s]) * eps_s
 
 
-def sample(denoise, ss, n, channels, steps=None, method="ancestral", noise=None, record=()):
+def sample(denoise, ss, n, channels, steps=None, method="ancestral", noise=None, record=(), x0_error=None):
     """Draw n images at full resolution.
 
     method: "ancestral" (exact posterior steps, METHOD.md §2; all T steps, or `steps` respaced ones) or "ddim".
-    noise(key, shape) gives unit Gaussian noise (keys: T for the start, t for the step leaving t); default torch.randn.
+    noise(key, shape) gives unit Gaussian noise (keys: T for the start, t for the step leaving t, T + 1 + t for the
+    x_0 uncertainty at t); default torch.randn.
     record: steps at which to keep (t, x_t, x_hat) on the CPU, for progression figures.
+    x0_error: {t: spread} from measure_x0_error (ancestral only): at those steps the posterior step takes x_0 drawn
+    around x_hat with the denoiser's measured error instead of x_hat itself (METHOD.md §4).
     Returns the images, or (images, progression) when record is given.
     """
     noise = noise or generator_noise()
+    x0_error = x0_error or {}
+    if x0_error and method != "ancestral":
+        raise ValueError("the x_0 uncertainty completes the ancestral sampler's posterior steps; sample with "
+                         "'ancestral', or leave the uncertainty out")
     kept = sampling_steps(ss, steps)
     top = ss.res(ss.T - 1)
     x = noise(ss.T, (n, channels, top, top))  # x_{T-1} ~ N(0, I) at the lowest resolution
@@ -217,8 +224,70 @@ def sample(denoise, ss, n, channels, steps=None, method="ancestral", noise=None,
             break
         s = kept[i + 1]
         xi = noise(t, x0_hat.shape)
+        if t in x0_error:
+            x0_hat = draw_x0(x0_hat, x0_error[t], noise(ss.T + 1 + t, x0_hat.shape))
         x = ss.p_step(x, x0_hat, t, s, xi=xi) if method == "ancestral" else ddim_step(ss, x, x0_hat, t, s, xi)
     return (x, progression) if record else x
+
+
+# -----------------------------------------------------------------------------
+# The uncertainty of x_0 (project option, beyond the paper)
+
+
+@functools.cache
+def dct_matrix(n, device="cpu", dtype=torch.float64):
+    """The orthonormal DCT-II matrix (n, n): row k is the cosine of frequency k, and the transpose is the inverse.
+    D X D^T gives the 2-D coefficients of an n x n image X. Cached per device, so a sampling step copies nothing."""
+    k = torch.arange(n, dtype=torch.float64)
+    d = torch.cos(math.pi * (k[None, :] + 0.5) * k[:, None] / n) * math.sqrt(2 / n)
+    d[0] /= math.sqrt(2)
+    return d.to(device, dtype)
+
+
+X0_UNCERTAINTY = ("none", "transitions", "all")  # where the sampler draws x_0: nowhere (the paper), or at these steps
+
+
+def uncertain_steps(ss, steps=None, at="transitions"):
+    """The kept steps where the sampler draws x_0: the resolution changes, or every step but the last."""
+    if at not in X0_UNCERTAINTY[1:]:
+        raise ValueError(f"unknown x_0 uncertainty {at!r}: choose 'transitions' or 'all'")
+    return [t for t in sampling_steps(ss, steps) if t > 0 and (at == "all" or t in ss.transitions)]
+
+
+def measure_x0_error(denoise, ss, batches, steps=None, at="transitions", generator=None):
+    """The denoiser's error at each step of uncertain_steps, for draw_x0 (METHOD.md §4).
+
+    batches: clean images x_0 (NCHW, full resolution, on the denoiser's device). For each image and step, x_t is
+    drawn from q(x_t | x_0) and the error e = R_{1:s} x_0 - x_hat(x_t) is taken in the DCT basis. Returns
+    {t: spread}, spread (C, r, r) the root mean square of each channel's coefficients over the images: the
+    diagonal of the error covariance in that basis, whose off-diagonal terms are small for images (their
+    statistics hardly depend on position).
+    """
+    chosen = uncertain_steps(ss, steps, at)
+    sums, count = {}, 0
+    for x0 in batches:
+        count += x0.shape[0]
+        for t in chosen:
+            r = ss.res(t)
+            eps = torch.randn(x0.shape[0], x0.shape[1], r, r, generator=generator, device=x0.device, dtype=x0.dtype)
+            error = ss.target(x0, t) - denoise(ss.q_sample(x0, t, eps), t)
+            d = dct_matrix(error.shape[-1], error.device, error.dtype)
+            sums[t] = sums.get(t, 0) + ((d @ error @ d.T) ** 2).sum(0)
+    return {t: (total / count).sqrt() for t, total in sums.items()}
+
+
+def draw_x0(x0_hat, spread, xi):
+    """x_hat plus Gaussian noise whose DCT coefficients have the measured spread; xi: unit noise like x_hat.
+
+    Why. The ancestral step plugs x_hat into q(x_s | x_t, x_0) as if x_0 were known. The step that minimises the
+    KL divergence to the true reverse step among Gaussians has the mean of q with x_hat and the covariance of q plus
+    M E M^T, where M = d(mean)/d(x_0) and E is the covariance of the error x_0 - x_hat (Bao et al., Analytic-DPM,
+    ICLR 2022). Since the posterior mean is linear in x_0, the step from x_0 ~ N(x_hat, E) has exactly that
+    covariance. A short step barely needs it (M is small); a resolution change, where the state gains about four
+    times the signal-to-noise ratio of its low frequencies and all its new detail at once, does.
+    """
+    d = dct_matrix(x0_hat.shape[-1], x0_hat.device, x0_hat.dtype)
+    return x0_hat + d.T @ (spread * xi).to(x0_hat.dtype) @ d
 
 
 def network_denoiser(net, ss, y=None, cfg_scale=1.0, parameterisation="x0", clip=True):

@@ -13,7 +13,8 @@ import train
 from degrade import ScaleSpace
 from flexi_unet import tiny_config
 from helpers import randomized
-from test_ssd import SIZE, exact_output_moments, gaussian_data, ideal_denoiser
+from sampler_bias import exact_output_moments, ideal_denoiser
+from test_ssd import SIZE, gaussian_data
 
 
 def handed_over(high, low, at):

@@ -1,0 +1,168 @@
+"""
+How far are the samplers themselves from the data, with a perfect denoiser? (METHOD.md §4)
+
+Fit a Gaussian to the images (their luminance at --res). Its ideal denoiser E[x_0 | x_t] is then known in closed
+form and linear, so every sampling step is affine in the state and the fresh noise, and the law of the sampler's
+output is Gaussian with a mean and covariance computed exactly, by running the real step code on basis vectors.
+What separates that law from the data's is the sampler's own error, which training cannot remove: the plug-in of
+x_hat into the posterior as if x_0 were known, and the respacing. The table gives, for each number of levels and
+sampling steps, with and without the uncertainty of x_0 (ssd.draw_x0), the Frechet distance between the two
+Gaussians (in pixels, so not comparable with an FID) and the share of the data's variance the samples keep.
+
+    python sampler_bias.py                                             # Fashion-MNIST (bundled), 16 px
+    python sampler_bias.py --dataset celeba --data_dir PATH --res 16   # CelebA's luminance at 16 px
+
+The same functions drive the samplers' tests on small Gaussian data (tests/test_ssd.py).
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+
+import ssd
+from common import run_script
+from data import load_dataset
+from degrade import ScaleSpace
+from fid import frechet_distance
+from info_analysis import image_covariance
+from ssd import ddim_step, sampling_steps
+
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 weights of R, G, B
+
+
+def ideal_denoiser(ss, mean, cov):
+    """E[R_{1:t-1} x_0 | x_t] for Gaussian x_0 (one channel): R_{1:t-1} (m + C K^T a (a^2 K C K^T + sigma^2 I)^-1
+    (x_t - a K m)), K = R_{1:t}. The gain is computed once per step."""
+    dense = [op.dense() for op in ss.cumulative]
+    gains = {}
+
+    def denoise(x_t, t):
+        K, a, sigma = dense[ss.level_of(t)], float(ss.a[t]), float(ss.sigma[t])
+        if t not in gains:
+            gains.clear()  # a sampler asks for one step at a time
+            gains[t] = a * cov @ K.T @ torch.linalg.inv(a * a * K @ cov @ K.T + sigma ** 2 * torch.eye(K.shape[0]))
+        x0 = mean + (x_t.flatten(1).double() - a * K @ mean) @ gains[t].T
+        r = ss.sizes[ss.target_level(t)]
+        return (x0 @ dense[ss.target_level(t)].T).view(-1, 1, r, r).to(x_t.dtype)
+
+    return denoise
+
+
+def ideal_x0_error(ss, cov, steps=None, at="transitions"):
+    """What ssd.measure_x0_error converges to for the ideal denoiser: the DCT diagonal of its error covariance
+    R_{1:s} (C - C K^T a (a^2 K C K^T + sigma^2 I)^-1 a K C) R_{1:s}^T, which does not depend on x_t."""
+    dense = [op.dense() for op in ss.cumulative]
+    spreads = {}
+    for t in ssd.uncertain_steps(ss, steps, at):
+        K, a, sigma = dense[ss.level_of(t)], float(ss.a[t]), float(ss.sigma[t])
+        seen = a * a * cov @ K.T @ torch.linalg.inv(a * a * K @ cov @ K.T + sigma ** 2 * torch.eye(K.shape[0])) @ K
+        out, r = dense[ss.target_level(t)], ss.sizes[ss.target_level(t)]
+        d = torch.kron(ssd.dct_matrix(r), ssd.dct_matrix(r))  # the 2-D DCT of a flattened r x r image
+        spreads[t] = (d @ out @ (cov - seen @ cov) @ out.T @ d.T).diagonal().sqrt().view(1, r, r)
+    return spreads
+
+
+def exact_output_moments(ss, denoise, method="ancestral", steps=None, x0_error=None):
+    """The exact mean and covariance of a sampler's output (one channel), without Monte Carlo.
+
+    With a linear denoiser every step is affine in (x_t, xi, zeta): x_s = A x_t + L xi + U zeta + b, zeta the unit
+    noise of the x_0 uncertainty (ssd.draw_x0) where x0_error has a spread. Probing the real step code with basis
+    vectors gives A, L, U and b, and the Gaussian moments propagate exactly: m <- A m + b,
+    C <- A C A^T + L L^T + U U^T.
+    """
+    x0_error = x0_error or {}
+
+    def basis(r):
+        return torch.eye(r * r, dtype=torch.float64).view(-1, 1, r, r)
+
+    def zeros(n, r):
+        return torch.zeros(n, 1, r, r, dtype=torch.float64)
+
+    r = ss.res(ss.T - 1)
+    mean, cov = torch.zeros(r * r, dtype=torch.float64), torch.eye(r * r, dtype=torch.float64)
+    kept = sampling_steps(ss, steps)
+    for t, s in zip(kept, kept[1:] + [None]):
+        r_t, r_s = ss.res(t), ss.sizes[ss.target_level(t)]
+
+        def step(x, xi, zeta):
+            x_hat = denoise(x, t)
+            if t == 0:
+                return x_hat.flatten(1)
+            if t in x0_error:
+                x_hat = ssd.draw_x0(x_hat, x0_error[t], zeta)
+            move = ss.p_step(x, x_hat, t, s, xi=xi) if method == "ancestral" else ddim_step(ss, x, x_hat, t, s, xi)
+            return move.flatten(1)
+
+        b = step(zeros(1, r_t), zeros(1, r_s), zeros(1, r_s))[0]
+        A = (step(basis(r_t), zeros(r_t * r_t, r_s), zeros(r_t * r_t, r_s)) - b).T
+        L = (step(zeros(r_s * r_s, r_t), basis(r_s), zeros(r_s * r_s, r_s)) - b).T
+        U = (step(zeros(r_s * r_s, r_t), zeros(r_s * r_s, r_s), basis(r_s)) - b).T
+        mean, cov = A @ mean + b, A @ cov @ A.T + L @ L.T + U @ U.T
+    return mean, cov
+
+
+def luminance_covariance(images):
+    """The covariance of the images' luminance (uint8 NHWC; grey images as they are), in [-1, 1] as in training."""
+    if images.shape[-1] == 3:
+        images = (np.asarray(images, dtype=np.float64) @ LUMA).round().astype(np.uint8)[..., None]
+    return image_covariance(images)
+
+
+def bias_table(cov, res, levels, steps, uncertainty, gamma=0.5):
+    """One row per (levels, steps, x_0 uncertainty): the Frechet distance to the data's Gaussian and the variance
+    kept. The mean is zero throughout (the covariance alone decides the steps' error)."""
+    zero = torch.zeros(len(cov), dtype=torch.float64)
+    rows = []
+    for n_levels in levels:
+        ss = ScaleSpace(res, n_levels, gamma=gamma)
+        denoise = ideal_denoiser(ss, zero, cov)
+        for n_steps in steps:
+            for at in uncertainty:
+                spreads = None if at == "none" else ideal_x0_error(ss, cov, n_steps, at)
+                out_mean, out_cov = exact_output_moments(ss, denoise, steps=n_steps, x0_error=spreads)
+                rows.append(dict(levels=n_levels, transitions=ss.transitions, steps=n_steps, x0_uncertainty=at,
+                                 frechet=frechet_distance(zero, cov, out_mean, out_cov),
+                                 variance_kept=float(out_cov.trace() / cov.trace())))
+    return rows
+
+
+def markdown(rows, name, res):
+    lines = [f"Samplers with the ideal denoiser of a Gaussian fitted to {name}'s luminance at {res} px:", "",
+             "| levels | transitions | steps | x_0 uncertainty | Frechet distance | variance kept |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['levels']} | {', '.join(map(str, r['transitions'])) or '-'} | {r['steps']} | "
+                     f"{r['x0_uncertainty']} | {r['frechet']:.4f} | {r['variance_kept']:.3f} |")
+    return "\n".join(lines)
+
+
+def comma_ints(text):
+    return [int(v) for v in text.split(",")]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist", "celeba"])
+    p.add_argument("--data_dir", help="dataset folder (default: the bundled Fashion-MNIST)")
+    p.add_argument("--cache_dir", help="prepared images (default: cache/ beside the data)")
+    p.add_argument("--res", type=int, default=16, help="resolution of the Gaussian fit (32 px takes minutes)")
+    p.add_argument("--levels", type=comma_ints, default=[1, 2, 3, 4], help="comma list of level counts")
+    p.add_argument("--steps", type=comma_ints, default=[100, 1000], help="comma list of sampling steps")
+    p.add_argument("--gamma", type=float, default=0.5, help="ConvexDecay gamma of the level schedule")
+    p.add_argument("--out", default="out", help="folder for sampler_bias.md")
+    args = p.parse_args(argv)
+    if max(args.levels) > args.res.bit_length() - 1 or min(args.levels) < 1:
+        p.error(f"--levels {args.levels}: {args.res} px has levels 1 to {args.res.bit_length() - 1}")
+    data = load_dataset(args.dataset, args.res, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    cov = luminance_covariance(data.images)
+    rows = bias_table(cov, args.res, args.levels, args.steps, ("none", "transitions", "all"), args.gamma)
+    text = markdown(rows, args.dataset, args.res)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "sampler_bias.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -1,0 +1,23 @@
+"""sampler_bias.py on the bundled Fashion-MNIST at 8 px (seconds)."""
+import pytest
+
+import sampler_bias
+
+
+def test_the_table_shows_the_uncertainty_of_x0_closing_the_gap(tmp_path, capsys):
+    sampler_bias.main(["--res", "8", "--levels", "1,3", "--steps", "20", "--cache_dir", str(tmp_path / "cache"),
+                       "--out", str(tmp_path)])
+    text = (tmp_path / "sampler_bias.md").read_text()
+    assert capsys.readouterr().out.strip().endswith(text.strip())
+    rows = {(int(cells[0]), cells[3]): float(cells[4])
+            for cells in (line.strip("|").split(" | ") for line in text.splitlines()[4:])}
+    assert set(rows) == {(levels, at) for levels in (1, 3) for at in ("none", "transitions", "all")}
+    assert rows[1, "transitions"] == rows[1, "none"]  # one level has no resolution change
+    assert rows[3, "all"] < rows[3, "transitions"] < rows[3, "none"]
+    assert rows[1, "all"] < rows[1, "none"]
+
+
+def test_levels_the_resolution_cannot_hold_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        sampler_bias.main(["--res", "8", "--levels", "5"])
+    assert "8 px has levels 1 to 3" in capsys.readouterr().err
