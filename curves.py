@@ -18,6 +18,10 @@ compares with it at equal time. They appear in the tables and against images see
 Every snapshot is scored the same way: images 0 .. n-1 from fixed per-image seeds, the same sampler and steps,
 FID against the first max_ref training images (their statistics cached once per dataset and resolution). The
 floor is scored alongside: n training images against the same statistics, what n perfect samples would score.
+With --x0_uncertainty the sampler draws x_0 with the network's error (sample.py), measured for each snapshot apart
+from its sampling time; those scores are kept apart (ema_<m>min.x0_transitions.json) and make settings of their
+own (ssd4 +x0 transitions), so one snapshot is scored both ways by two calls.
+
 A snapshot's score, with its floor, is kept beside it (ema_<m>min.json, ema_<n>steps.json), so a second call
 scores only the new snapshots (or all of them, if --n, --steps or --max_ref changed): runs can be extended, or
 added, and the table redrawn. A kept score outlives the snapshot's weights: once they are deleted, the table is
@@ -42,17 +46,18 @@ import torch  # noqa: E402
 
 import fid  # noqa: E402
 import sample  # noqa: E402
+import ssd  # noqa: E402
 from common import load_checkpoint, parse_bool, pick_device, run_script  # noqa: E402
 from data import load_dataset, to_uint8_images  # noqa: E402
 
 
 def snapshots(run_dir):
     """The snapshots of a run folder: those taken at minutes of training (ema_<m>min), in order, then those taken at
-    steps (ema_<n>steps); each its weights (.pt), its kept score (.json), or both. A score outlives its weights, so
-    a finished point stays on the curve after the weights are deleted (they are large)."""
+    steps (ema_<n>steps); each its weights (.pt), its kept scores (.json, .x0_<where>.json), or both. A score
+    outlives its weights, so a finished point stays on the curve after the weights are deleted (they are large)."""
     stems = set()
     for kind in ("min", "steps"):
-        for suffix in (".pt", ".json"):
+        for suffix in (".pt", ".json", *(f".x0_{at}.json" for at in ssd.X0_UNCERTAINTY[1:])):
             stems |= {f[:-len(suffix)] for f in glob.glob(os.path.join(run_dir, "snapshots", f"ema_*{kind}{suffix}"))}
     if not stems:
         raise FileNotFoundError(f"{run_dir} has no snapshots/ema_<minutes>min.pt or ema_<step>steps.pt: train it with "
@@ -69,21 +74,30 @@ def point(row):
     return f"{row['minutes']:g} min" if row["minutes"] is not None else f"step {row['step']:,}"
 
 
+def score_path(stem, args):
+    """Where a snapshot's score is kept: beside it, with the x_0 uncertainty in the name when it is used."""
+    return stem + ("" if args.x0_uncertainty == "none" else f".x0_{args.x0_uncertainty}") + ".json"
+
+
 def kept_score(stem, args):
     """The score kept beside a snapshot if it was made with these settings, else None (score it again). A snapshot
     whose weights are gone can only be kept as scored."""
     row = None
-    if os.path.exists(stem + ".json"):
-        with open(stem + ".json") as f:
+    if os.path.exists(score_path(stem, args)):
+        with open(score_path(stem, args)) as f:
             row = json.load(f)
     if row is not None and "floor" in row and (row["n"], row["steps"], row["max_ref"]) == (
             args.n, args.steps, args.max_ref):
         return row
     if not os.path.exists(stem + ".pt"):
+        if row is None:
+            raise FileNotFoundError(f"the weights {stem}.pt are gone and no score was kept at "
+                                    f"{score_path(stem, args)}: call curves.py with the settings it was scored with, "
+                                    "or leave this run out")
         older = "" if "floor" in row else " by an older curves.py (no floor)"
-        raise FileNotFoundError(f"{stem}.json was scored with --n {row['n']} --steps {row['steps']} --max_ref "
-                                f"{row['max_ref']}{older} and its weights {stem}.pt are gone: call curves.py with "
-                                "those settings, or leave this run out")
+        raise FileNotFoundError(f"{score_path(stem, args)} was scored with --n {row['n']} --steps {row['steps']} "
+                                f"--max_ref {row['max_ref']}{older} and its weights {stem}.pt are gone: call curves.py "
+                                "with those settings, or leave this run out")
     return None
 
 
@@ -110,9 +124,14 @@ def score(path, args, device, extractor, references, network=None):
         data = load_dataset(*key)
         references[key] = data, floor(data, args, extractor)
     data, floor_fid = references[key]
+    batch_size = min(args.batch_size, args.n)
+    start = time.time()
+    x0_error = None if args.x0_uncertainty == "none" else sample.measure_x0_error(
+        method, net, data, args.steps, args.x0_uncertainty, batch_size)
+    measuring = time.time() - start
     start = time.time()
     images = [to_uint8_images(x) for _, x in sample.generate_batches(method, net, 0, args.n, steps=args.steps,
-                                                                     batch_size=min(args.batch_size, args.n))]
+                                                                     batch_size=batch_size, x0_error=x0_error)]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     sampling = time.time() - start
@@ -120,6 +139,7 @@ def score(path, args, device, extractor, references, network=None):
     return dict(snapshot=path, method=ckpt["spec"]["method"], minutes=ckpt["minutes"],
                 train_seconds=ckpt["train_seconds"], step=ckpt["step"], images_seen=ckpt["images_seen"], fid=value,
                 n=n, n_ref=n_ref, max_ref=args.max_ref, steps=args.steps, sampling_seconds=sampling, data=list(key),
+                x0_uncertainty=args.x0_uncertainty, x0_error_seconds=measuring,
                 floor=floor_fid, device=ckpt.get("device")), (method, net)
 
 
@@ -139,9 +159,11 @@ def floors(rows):
             for (dataset, res, n, n_ref), value in out.items()]
 
 
-def setting_of(run):
-    """A run's setting: its folder name without the seed suffix (ssd4_s1 -> ssd4)."""
-    return re.sub(r"_s\d+$", "", run)
+def setting_of(row):
+    """A row's setting: its run folder's name without the seed suffix (ssd4_s1 -> ssd4), and the x_0 uncertainty
+    it was sampled with, if any."""
+    at = row.get("x0_uncertainty", "none")  # scores kept before the option existed drew without it
+    return re.sub(r"_s\d+$", "", row["run"]) + ("" if at == "none" else f" +x0 {at}")
 
 
 def trained_on(row):
@@ -154,7 +176,7 @@ def summary(rows):
     seen."""
     groups = {}
     for r in rows:
-        groups.setdefault((setting_of(r["run"]), trained_on(r), point(r)), []).append(r)
+        groups.setdefault((setting_of(r), trained_on(r), point(r)), []).append(r)
     out = []
     for (setting, device, where), group in groups.items():
         fids = [r["fid"] for r in group]
@@ -240,6 +262,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders of train.py --snapshot_minutes or --snapshot_steps")
     add_scoring_arguments(p)
+    p.add_argument("--x0_uncertainty", choices=ssd.X0_UNCERTAINTY, default="none",
+                   help="draw x_0 with the network's error at the resolution changes or at every step (sample.py)")
     p.add_argument("--out", default=os.path.join("out", "curves"), help="folder for curves.md, .json and .png")
     args = p.parse_args(argv)
     check_scoring_arguments(p, args)
@@ -255,7 +279,7 @@ def main(argv=None):
             if row is None:
                 extractor = extractor or fid.load_inception(args.inception, device)  # only when there is work
                 row, network = score(stem + ".pt", args, device, extractor, references, network)
-                with open(stem + ".json", "w") as f:
+                with open(score_path(stem, args), "w") as f:
                     json.dump(row, f, indent=1)
             rows.append(dict(row, run=os.path.basename(os.path.normpath(run))))
             print(f"{rows[-1]['run']} {point(row)} (step {row['step']:,}): FID {row['fid']:.2f}")

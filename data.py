@@ -103,10 +103,14 @@ def get_batch(data, batch_size, generator, device):
         x = x.pin_memory()
     x = x.to(device, non_blocking=cuda)
     x = torch.where(flip.to(device)[:, None, None, None], x.flip(2), x)  # dim 2 is the width in NHWC
-    x = x.permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1
     if y is not None:
         y = y.to(device, non_blocking=cuda)
-    return x, y
+    return from_uint8_images(x), y
+
+
+def from_uint8_images(x):
+    """uint8 NHWC images (a tensor) -> float32 NCHW in [-1, 1], the scale the models work in."""
+    return x.permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1
 
 
 def to_uint8_images(x):

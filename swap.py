@@ -82,11 +82,12 @@ class Swapped:
         check_swappable(above, below, at)
         self.above, self.below, self.below_net, self.at = above, below, below_net, at
 
-    def sample(self, net, n, steps=None, sampler="ancestral", noise=None, y=None, cfg_scale=1.0, record=()):
+    def sample(self, net, n, steps=None, sampler="ancestral", noise=None, y=None, cfg_scale=1.0, record=(),
+               x0_error=None):
         high = ssd.network_denoiser(net, self.above.ss, parameterisation=self.above.parameterisation)
         low = ssd.network_denoiser(self.below_net, self.below.ss, parameterisation=self.below.parameterisation)
         return ssd.sample(lambda x_t, t: high(x_t, t) if t >= self.at else low(x_t, t), self.above.ss, n,
-                          self.above.channels, steps, sampler, noise, record)
+                          self.above.channels, steps, sampler, noise, record, x0_error)
 
 
 def main(argv=None):

@@ -109,6 +109,12 @@ def test_curves_score_every_snapshot_once_and_draw_the_table(tmp_path, cache_dir
     assert f"Floor: 6 training images of {floors[0]['dataset']} at 16 px score {floors[0]['fid']:.2f}" in text
     assert 0 <= floors[0]["fid"] < min(r["fid"] for r in rows)  # real images score below the tiny untrained models
 
+    curves.main([*argv, "--x0_uncertainty", "transitions", "--out", str(tmp_path / "x0")])
+    drawn = json.loads((tmp_path / "x0" / "curves.json").read_text())["runs"]
+    assert all(os.path.exists(r["snapshot"][:-len(".pt")] + ".x0_transitions.json") for r in drawn)  # kept apart
+    assert all(r["x0_uncertainty"] == "transitions" and r["x0_error_seconds"] >= 0 for r in drawn)
+    assert "| ssd +x0 transitions | ssd |" in (tmp_path / "x0" / "curves.md").read_text()
+
     first, second = (str(tmp_path / "ddpm" / "snapshots" / f"ema_{k}steps.pt") for k in (1, 2))
     args = types.SimpleNamespace(batch_size=4, n=6, compile=None, cuda_graphs=None)
     method, net, ckpt = curves.with_weights(first, torch.device("cpu"), args)
@@ -132,6 +138,12 @@ def test_curves_score_every_snapshot_once_and_draw_the_table(tmp_path, cache_dir
     assert scored == [] and json.loads((tmp_path / "curves" / "curves.json").read_text())["runs"] == rows
     with pytest.raises(FileNotFoundError, match="scored with --n 6 --steps 4 --max_ref 16 and its weights"):
         curves.main([*argv, "--steps", "8"])  # other sampling steps cannot rescore it
+    with pytest.raises(FileNotFoundError, match="are gone and no score was kept at .*x0_all.json"):
+        curves.main([*argv, "--x0_uncertainty", "all"])
+    for plain in (tmp_path / "ssd" / "snapshots").glob("ema_*min.json"):
+        plain.unlink()  # a point scored only with the uncertainty is still found, from that score alone
+    curves.main([*argv, "--x0_uncertainty", "transitions", "--out", str(tmp_path / "x0")])
+    assert json.loads((tmp_path / "x0" / "curves.json").read_text())["runs"] == drawn
 
 
 def test_seeds_of_a_setting_are_summarised_by_their_mean_and_range():
@@ -144,7 +156,8 @@ def test_seeds_of_a_setting_are_summarised_by_their_mean_and_range():
     first = settings[0]
     assert (first["fid"], first["fid_min"], first["fid_max"], first["images_seen"]) == (62.0, 60.0, 64.0, 105)
     assert "| ssd4 | ssd | not recorded | 1 min | 2 | 105 | 62.00 | 60.00 - 64.00 |" in curves.summary_table(settings)
-    assert curves.setting_of("my_run") == "my_run" and curves.setting_of("lr_s2_s10") == "lr_s2"
+    assert curves.setting_of(dict(run="my_run")) == "my_run" and curves.setting_of(dict(run="lr_s2_s10")) == "lr_s2"
+    assert curves.setting_of(dict(run="ssd4_s1", x0_uncertainty="transitions")) == "ssd4 +x0 transitions"
 
 
 def test_seeds_trained_on_different_hardware_are_summarised_apart(tmp_path, monkeypatch):
