@@ -260,8 +260,8 @@ def measure_x0_error(denoise, ss, batches, steps=None, at="transitions", generat
     batches: clean images x_0 (NCHW, full resolution, on the denoiser's device). For each image and step, x_t is
     drawn from q(x_t | x_0) and the error e = R_{1:s} x_0 - x_hat(x_t) is taken in the DCT basis. Returns
     {t: spread}, spread (C, r, r) the root mean square of each channel's coefficients over the images: the
-    diagonal of the error covariance in that basis, whose off-diagonal terms are small for images (their
-    statistics hardly depend on position).
+    diagonal of the error covariance in that basis. The rest is dropped: the DCT nearly diagonalises the covariances
+    of images, whose statistics hardly depend on position (sampler_bias.py measures what dropping it costs).
     """
     chosen = uncertain_steps(ss, steps, at)
     sums, count = {}, 0
