@@ -92,13 +92,13 @@ def draw(method, net, index, seed=0, steps=None, sampler="ancestral", classes=No
                          record, x0_error)
 
 
-X0_ERROR_IMAGES = 1000  # training images the network's error is measured on: each spread then within about 2%
+X0_ERROR_IMAGES = 1000  # training images the network's errors are measured on (their covariance drives the draws)
 
 
 def measure_x0_error(method, net, data, steps, at, batch_size, seed=0):
     """The network's error for sampling with the uncertainty of x_0 (--x0_uncertainty, METHOD.md §4), measured on
     at least X0_ERROR_IMAGES training images spread over the dataset, in batches of batch_size (the compiled and
-    recorded shape): {t: spread} for draw()."""
+    recorded shape): {t: errors} for draw(), kept on the network's device (about 50 MB per step at 64 px)."""
     device = next(net.parameters()).device
     count = -(-X0_ERROR_IMAGES // batch_size) * batch_size
     index = torch.linspace(0, len(data) - 1, count).round().long().numpy()

@@ -26,6 +26,7 @@ from data import load_dataset
 from degrade import ScaleSpace
 from fid import frechet_distance
 from info_analysis import image_covariance
+from sample import X0_ERROR_IMAGES
 from ssd import ddim_step, sampling_steps
 
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 weights of R, G, B
@@ -50,24 +51,34 @@ def ideal_denoiser(ss, mean, cov):
 
 
 def ideal_x0_error(ss, cov, steps=None, at="transitions"):
-    """What ssd.measure_x0_error converges to for the ideal denoiser: the DCT diagonal of its error covariance
-    R_{1:s} (C - C K^T a (a^2 K C K^T + sigma^2 I)^-1 a K C) R_{1:s}^T, which does not depend on x_t."""
+    """Errors whose second moment is the ideal denoiser's error covariance exactly, for ssd.draw_x0:
+    E = R_{1:s} (C - C K^T a (a^2 K C K^T + sigma^2 I)^-1 a K C) R_{1:s}^T, which does not depend on x_t. With
+    E = V W V^T, the n = r^2 errors sqrt(n) V W^(1/2) (as rows) have (1/n) sum_i e_i e_i^T = E."""
     dense = [op.dense() for op in ss.cumulative]
-    spreads = {}
+    errors = {}
     for t in ssd.uncertain_steps(ss, steps, at):
         K, a, sigma = dense[ss.level_of(t)], float(ss.a[t]), float(ss.sigma[t])
         seen = a * a * cov @ K.T @ torch.linalg.inv(a * a * K @ cov @ K.T + sigma ** 2 * torch.eye(K.shape[0])) @ K
         out, r = dense[ss.target_level(t)], ss.sizes[ss.target_level(t)]
-        d = torch.kron(ssd.dct_matrix(r), ssd.dct_matrix(r))  # the 2-D DCT of a flattened r x r image
-        spreads[t] = (d @ out @ (cov - seen @ cov) @ out.T @ d.T).diagonal().sqrt().view(1, r, r)
-    return spreads
+        w, v = torch.linalg.eigh(out @ (cov - seen @ cov) @ out.T)
+        errors[t] = (r * v * w.clamp(min=0).sqrt()).T.reshape(r * r, 1, r, r)
+    return errors
+
+
+def measured_x0_error(ss, cov, n, steps=None, at="transitions", seed=0):
+    """What ssd.measure_x0_error keeps from n images of the Gaussian data with the ideal denoiser."""
+    draws = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(n, len(cov), generator=draws, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+    r = ss.sizes[0]
+    return ssd.measure_x0_error(ideal_denoiser(ss, torch.zeros(len(cov), dtype=torch.float64), cov), ss,
+                                [x0.view(n, 1, r, r)], steps, at, draws)
 
 
 def exact_output_moments(ss, denoise, method="ancestral", steps=None, x0_error=None):
     """The exact mean and covariance of a sampler's output (one channel), without Monte Carlo.
 
     With a linear denoiser every step is affine in (x_t, xi, zeta): x_s = A x_t + L xi + U zeta + b, zeta the unit
-    noise of the x_0 uncertainty (ssd.draw_x0) where x0_error has a spread. Probing the real step code with basis
+    noise (one value per kept error) of the x_0 uncertainty (ssd.draw_x0) where x0_error has errors. Probing the real step code with basis
     vectors gives A, L, U and b, and the Gaussian moments propagate exactly: m <- A m + b,
     C <- A C A^T + L L^T + U U^T.
     """
@@ -94,10 +105,15 @@ def exact_output_moments(ss, denoise, method="ancestral", steps=None, x0_error=N
             move = ss.p_step(x, x_hat, t, s, xi=xi) if method == "ancestral" else ddim_step(ss, x, x_hat, t, s, xi)
             return move.flatten(1)
 
-        b = step(zeros(1, r_t), zeros(1, r_s), zeros(1, r_s))[0]
-        A = (step(basis(r_t), zeros(r_t * r_t, r_s), zeros(r_t * r_t, r_s)) - b).T
-        L = (step(zeros(r_s * r_s, r_t), basis(r_s), zeros(r_s * r_s, r_s)) - b).T
-        U = (step(zeros(r_s * r_s, r_t), zeros(r_s * r_s, r_s), basis(r_s)) - b).T
+        n = len(x0_error[t]) if t in x0_error else 1  # zeta: one unit value per kept error
+
+        def no_zeta(k):
+            return torch.zeros(k, n, dtype=torch.float64)
+
+        b = step(zeros(1, r_t), zeros(1, r_s), no_zeta(1))[0]
+        A = (step(basis(r_t), zeros(r_t * r_t, r_s), no_zeta(r_t * r_t)) - b).T
+        L = (step(zeros(r_s * r_s, r_t), basis(r_s), no_zeta(r_s * r_s)) - b).T
+        U = (step(zeros(n, r_t), zeros(n, r_s), torch.eye(n, dtype=torch.float64)) - b).T
         mean, cov = A @ mean + b, A @ cov @ A.T + L @ L.T + U @ U.T
     return mean, cov
 
@@ -109,18 +125,23 @@ def luminance_covariance(images):
     return image_covariance(images)
 
 
-def bias_table(cov, res, levels, steps, uncertainty, gamma=0.5):
+def bias_table(cov, res, levels, steps, gamma=0.5, images=X0_ERROR_IMAGES):
     """One row per (levels, steps, x_0 uncertainty): the Frechet distance to the data's Gaussian and the variance
-    kept. The mean is zero throughout (the covariance alone decides the steps' error)."""
+    kept. The uncertainty is drawn with the exact error covariance at the transitions or at every step, and with
+    the errors measured on `images` draws at the transitions, as sample.py measures them. The mean is zero
+    throughout (the covariance alone decides the steps' error)."""
     zero = torch.zeros(len(cov), dtype=torch.float64)
+    settings = {"none": lambda ss, k: None,
+                "transitions": lambda ss, k: ideal_x0_error(ss, cov, k, "transitions"),
+                "all": lambda ss, k: ideal_x0_error(ss, cov, k, "all"),
+                f"transitions, {images:,} images": lambda ss, k: measured_x0_error(ss, cov, images, k, "transitions")}
     rows = []
     for n_levels in levels:
         ss = ScaleSpace(res, n_levels, gamma=gamma)
         denoise = ideal_denoiser(ss, zero, cov)
         for n_steps in steps:
-            for at in uncertainty:
-                spreads = None if at == "none" else ideal_x0_error(ss, cov, n_steps, at)
-                out_mean, out_cov = exact_output_moments(ss, denoise, steps=n_steps, x0_error=spreads)
+            for at, errors_of in settings.items():
+                out_mean, out_cov = exact_output_moments(ss, denoise, steps=n_steps, x0_error=errors_of(ss, n_steps))
                 rows.append(dict(levels=n_levels, transitions=ss.transitions, steps=n_steps, x0_uncertainty=at,
                                  frechet=frechet_distance(zero, cov, out_mean, out_cov),
                                  variance_kept=float(out_cov.trace() / cov.trace())))
@@ -156,7 +177,7 @@ def main(argv=None):
         p.error(f"--levels {args.levels}: {args.res} px has levels 1 to {args.res.bit_length() - 1}")
     data = load_dataset(args.dataset, args.res, data_dir=args.data_dir, cache_dir=args.cache_dir)
     cov = luminance_covariance(data.images)
-    rows = bias_table(cov, args.res, args.levels, args.steps, ("none", "transitions", "all"), args.gamma)
+    rows = bias_table(cov, args.res, args.levels, args.steps, args.gamma)
     text = markdown(rows, args.dataset, args.res)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sampler_bias.md"), "w") as f:

@@ -202,8 +202,8 @@ def sample(denoise, ss, n, channels, steps=None, method="ancestral", noise=None,
     noise(key, shape) gives unit Gaussian noise (keys: T for the start, t for the step leaving t, T + 1 + t for the
     x_0 uncertainty at t); default torch.randn.
     record: steps at which to keep (t, x_t, x_hat) on the CPU, for progression figures.
-    x0_error: {t: spread} from measure_x0_error (ancestral only): at those steps the posterior step takes x_0 drawn
-    around x_hat with the denoiser's measured error instead of x_hat itself (METHOD.md §4).
+    x0_error: {t: errors} from measure_x0_error (ancestral only): at those steps the posterior step takes x_0 drawn
+    around x_hat with the denoiser's measured errors instead of x_hat itself (METHOD.md §4).
     Returns the images, or (images, progression) when record is given.
     """
     noise = noise or generator_noise()
@@ -225,24 +225,13 @@ def sample(denoise, ss, n, channels, steps=None, method="ancestral", noise=None,
         s = kept[i + 1]
         xi = noise(t, x0_hat.shape)
         if t in x0_error:
-            x0_hat = draw_x0(x0_hat, x0_error[t], noise(ss.T + 1 + t, x0_hat.shape))
+            x0_hat = draw_x0(x0_hat, x0_error[t], noise(ss.T + 1 + t, (len(x0_hat), len(x0_error[t]))))
         x = ss.p_step(x, x0_hat, t, s, xi=xi) if method == "ancestral" else ddim_step(ss, x, x0_hat, t, s, xi)
     return (x, progression) if record else x
 
 
 # -----------------------------------------------------------------------------
 # The uncertainty of x_0 (project option, beyond the paper)
-
-
-@functools.cache
-def dct_matrix(n, device="cpu", dtype=torch.float64):
-    """The orthonormal DCT-II matrix (n, n): row k is the cosine of frequency k, and the transpose is the inverse.
-    D X D^T gives the 2-D coefficients of an n x n image X. Cached per device, so a sampling step copies nothing."""
-    k = torch.arange(n, dtype=torch.float64)
-    d = torch.cos(math.pi * (k[None, :] + 0.5) * k[:, None] / n) * math.sqrt(2 / n)
-    d[0] /= math.sqrt(2)
-    return d.to(device, dtype)
-
 
 X0_UNCERTAINTY = ("none", "transitions", "all")  # where the sampler draws x_0: nowhere (the paper), or at these steps
 
@@ -255,29 +244,24 @@ def uncertain_steps(ss, steps=None, at="transitions"):
 
 
 def measure_x0_error(denoise, ss, batches, steps=None, at="transitions", generator=None):
-    """The denoiser's error at each step of uncertain_steps, for draw_x0 (METHOD.md §4).
+    """The denoiser's errors at each step of uncertain_steps, for draw_x0 (METHOD.md §4).
 
     batches: clean images x_0 (NCHW, full resolution, on the denoiser's device). For each image and step, x_t is
-    drawn from q(x_t | x_0) and the error e = R_{1:s} x_0 - x_hat(x_t) is taken in the DCT basis. Returns
-    {t: spread}, spread (C, r, r) the root mean square of each channel's coefficients over the images: the
-    diagonal of the error covariance in that basis. The rest is dropped: the DCT nearly diagonalises the covariances
-    of images, whose statistics hardly depend on position (sampler_bias.py measures what dropping it costs).
+    drawn from q(x_t | x_0) and the error e = R_{1:s} x_0 - x_hat(x_t) is kept. Returns {t: errors (N, C, r, r)}.
     """
     chosen = uncertain_steps(ss, steps, at)
-    sums, count = {}, 0
+    errors = {t: [] for t in chosen}
     for x0 in batches:
-        count += x0.shape[0]
         for t in chosen:
             r = ss.res(t)
             eps = torch.randn(x0.shape[0], x0.shape[1], r, r, generator=generator, device=x0.device, dtype=x0.dtype)
-            error = ss.target(x0, t) - denoise(ss.q_sample(x0, t, eps), t)
-            d = dct_matrix(error.shape[-1], error.device, error.dtype)
-            sums[t] = sums.get(t, 0) + ((d @ error @ d.T) ** 2).sum(0)
-    return {t: (total / count).sqrt() for t, total in sums.items()}
+            errors[t].append(ss.target(x0, t) - denoise(ss.q_sample(x0, t, eps), t))
+    return {t: torch.cat(e) for t, e in errors.items()}
 
 
-def draw_x0(x0_hat, spread, xi):
-    """x_hat plus Gaussian noise whose DCT coefficients have the measured spread; xi: unit noise like x_hat.
+def draw_x0(x0_hat, errors, z):
+    """x_hat plus a Gaussian combination of N measured errors, sum_i z_i e_i / sqrt(N), with z (B, N) unit noise: a
+    draw from N(x_hat, E), E = (1/N) sum_i e_i e_i^T the errors' second moment.
 
     Why. The ancestral step plugs x_hat into q(x_s | x_t, x_0) as if x_0 were known. The step that minimises the
     KL divergence to the true reverse step among Gaussians has the mean of q with x_hat and the covariance of q plus
@@ -286,8 +270,8 @@ def draw_x0(x0_hat, spread, xi):
     covariance. A short step barely needs it (M is small); a resolution change, where the state gains about four
     times the signal-to-noise ratio of its low frequencies and all its new detail at once, does.
     """
-    d = dct_matrix(x0_hat.shape[-1], x0_hat.device, x0_hat.dtype)
-    return x0_hat + d.T @ (spread * xi).to(x0_hat.dtype) @ d
+    combination = z.to(errors.dtype) @ errors.flatten(1) / math.sqrt(len(errors))
+    return x0_hat + combination.view_as(x0_hat).to(x0_hat.dtype)
 
 
 def network_denoiser(net, ss, y=None, cfg_scale=1.0, parameterisation="x0", clip=True):

@@ -175,12 +175,12 @@ def test_bad_flags_are_refused_before_loading(argv, message, capsys):
 def test_x0_uncertainty_changes_only_the_steps_it_names(ckpt, cond_ckpt, tmp_path, capsys):
     method, net, checkpoint = sample.load_model(ckpt)
     data = sample.training_data(types.SimpleNamespace(data_dir=None), checkpoint)
-    spreads = sample.measure_x0_error(method, net, data, int(STEPS), "transitions", 4)
-    assert list(spreads) == method.ss.transitions  # one resolution change, into 16 px
-    assert spreads[method.ss.transitions[0]].shape == (1, RES, RES) and (spreads[750] > 0).all()
+    errors = sample.measure_x0_error(method, net, data, int(STEPS), "transitions", 4)
+    assert list(errors) == method.ss.transitions  # one resolution change, into 16 px
+    assert errors[750].shape == (sample.X0_ERROR_IMAGES, 1, RES, RES) and errors[750].abs().sum() > 0
     plain = sample.generate(method, net, 3, steps=int(STEPS))
-    assert not torch.equal(sample.generate(method, net, 3, steps=int(STEPS), x0_error=spreads), plain)
-    unchanged = {t: torch.zeros_like(s) for t, s in spreads.items()}  # its own noise: the rest of the chain is kept
+    assert not torch.equal(sample.generate(method, net, 3, steps=int(STEPS), x0_error=errors), plain)
+    unchanged = {t: torch.zeros_like(s) for t, s in errors.items()}  # its own noise: the rest of the chain is kept
     assert torch.equal(sample.generate(method, net, 3, steps=int(STEPS), x0_error=unchanged), plain)
     sample.main(["--ckpt", ckpt, "--n", "2", "--steps", STEPS, "--x0_uncertainty", "all", "--out",
                  str(tmp_path / "grid.png")])

@@ -11,9 +11,11 @@ def test_the_table_shows_the_uncertainty_of_x0_closing_the_gap(tmp_path, capsys)
     assert capsys.readouterr().out.strip().endswith(text.strip())
     rows = {(int(cells[0]), cells[3]): float(cells[4])
             for cells in (line.strip("|").split(" | ") for line in text.splitlines()[4:])}
-    assert set(rows) == {(levels, at) for levels in (1, 3) for at in ("none", "transitions", "all")}
+    settings = ("none", "transitions", "all", "transitions, 1,000 images")
+    assert set(rows) == {(levels, at) for levels in (1, 3) for at in settings}
     assert rows[1, "transitions"] == rows[1, "none"]  # one level has no resolution change
     assert rows[3, "all"] < rows[3, "transitions"] < rows[3, "none"]
+    assert rows[3, "transitions, 1,000 images"] < rows[3, "none"]
     assert rows[1, "all"] < rows[1, "none"]
 
 
