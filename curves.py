@@ -128,6 +128,8 @@ def score(path, args, device, extractor, references, network=None):
     start = time.time()
     x0_error = None if args.x0_uncertainty == "none" else sample.measure_x0_error(
         method, net, data, args.steps, args.x0_uncertainty, batch_size)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     measuring = time.time() - start
     start = time.time()
     images = [to_uint8_images(x) for _, x in sample.generate_batches(method, net, 0, args.n, steps=args.steps,
