@@ -6,8 +6,10 @@ form and linear, so every sampling step is affine in the state and the fresh noi
 output is Gaussian with a mean and covariance computed exactly, by running the real step code on basis vectors.
 What separates that law from the data's is the sampler's own error, which training cannot remove: the plug-in of
 x_hat into the posterior as if x_0 were known, and the respacing. The table gives, for each number of levels and
-sampling steps, with and without the uncertainty of x_0 (ssd.draw_x0), the Frechet distance between the two
-Gaussians (in pixels, so not comparable with an FID) and the share of the data's variance the samples keep.
+sampling steps, without the uncertainty of x_0 (ssd.draw_x0), with it drawn from the exact error covariance at
+the transitions or at every step, and with it drawn from the errors of 1,000 draws at the transitions (as sample.py
+measures them): the Frechet distance between the two Gaussians (in pixels, so not comparable with an FID) and the
+share of the data's variance the samples keep.
 
     python sampler_bias.py                                             # Fashion-MNIST (bundled), 16 px
     python sampler_bias.py --dataset celeba --data_dir PATH --res 16   # CelebA's luminance at 16 px
