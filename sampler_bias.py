@@ -9,10 +9,12 @@ x_hat into the posterior as if x_0 were known, and the respacing. The table give
 sampling steps, without the uncertainty of x_0 (ssd.draw_x0), with it drawn from the exact error covariance at
 the transitions or at every step, and with it drawn from the errors of 1,000 draws at the transitions (as sample.py
 measures them): the Frechet distance between the two Gaussians (in pixels, so not comparable with an FID) and the
-share of the data's variance the samples keep.
+share of the data's variance the samples keep. --preserve_snr True measures the process that scales the signal at
+each resolution change (METHOD.md §1), where a transition takes little from x_hat.
 
     python sampler_bias.py                                             # Fashion-MNIST (bundled), 16 px
     python sampler_bias.py --dataset celeba --data_dir PATH --res 16   # CelebA's luminance at 16 px
+    python sampler_bias.py --dataset celeba --data_dir PATH --res 16 --preserve_snr True
 
 The same functions drive the samplers' tests on small Gaussian data (tests/test_ssd.py).
 """
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 import ssd
-from common import run_script
+from common import parse_bool, run_script
 from data import load_dataset
 from degrade import ScaleSpace
 from fid import frechet_distance
@@ -127,7 +129,7 @@ def luminance_covariance(images):
     return image_covariance(images)
 
 
-def bias_table(cov, res, levels, steps, gamma=0.5, images=X0_ERROR_IMAGES):
+def bias_table(cov, res, levels, steps, gamma=0.5, preserve_snr=False, images=X0_ERROR_IMAGES):
     """One row per (levels, steps, x_0 uncertainty): the Frechet distance to the data's Gaussian and the variance
     kept. The uncertainty is drawn with the exact error covariance at the transitions or at every step, and with
     the errors measured on `images` draws at the transitions, as sample.py measures them. The mean is zero
@@ -139,7 +141,7 @@ def bias_table(cov, res, levels, steps, gamma=0.5, images=X0_ERROR_IMAGES):
                 f"transitions, {images:,} images": lambda ss, k: measured_x0_error(ss, cov, images, k, "transitions")}
     rows = []
     for n_levels in levels:
-        ss = ScaleSpace(res, n_levels, gamma=gamma)
+        ss = ScaleSpace(res, n_levels, gamma=gamma, preserve_snr=preserve_snr)
         denoise = ideal_denoiser(ss, zero, cov)
         for n_steps in steps:
             for at, errors_of in settings.items():
@@ -150,8 +152,9 @@ def bias_table(cov, res, levels, steps, gamma=0.5, images=X0_ERROR_IMAGES):
     return rows
 
 
-def markdown(rows, name, res):
-    lines = [f"Samplers with the ideal denoiser of a Gaussian fitted to {name}'s luminance at {res} px:", "",
+def markdown(rows, name, res, preserve_snr=False):
+    process = ", the signal scaled at each resolution change (preserve_snr)" if preserve_snr else ""
+    lines = [f"Samplers with the ideal denoiser of a Gaussian fitted to {name}'s luminance at {res} px{process}:", "",
              "| levels | transitions | steps | x_0 uncertainty | Frechet distance | variance kept |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -173,14 +176,16 @@ def main(argv=None):
     p.add_argument("--levels", type=comma_ints, default=[1, 2, 3, 4], help="comma list of level counts")
     p.add_argument("--steps", type=comma_ints, default=[100, 1000], help="comma list of sampling steps")
     p.add_argument("--gamma", type=float, default=0.5, help="ConvexDecay gamma of the level schedule")
+    p.add_argument("--preserve_snr", type=parse_bool, default=False,
+                   help="scale the signal at each resolution change (METHOD.md §1)")
     p.add_argument("--out", default="out", help="folder for sampler_bias.md")
     args = p.parse_args(argv)
     if max(args.levels) > args.res.bit_length() - 1 or min(args.levels) < 1:
         p.error(f"--levels {args.levels}: {args.res} px has levels 1 to {args.res.bit_length() - 1}")
     data = load_dataset(args.dataset, args.res, data_dir=args.data_dir, cache_dir=args.cache_dir)
     cov = luminance_covariance(data.images)
-    rows = bias_table(cov, args.res, args.levels, args.steps, args.gamma)
-    text = markdown(rows, args.dataset, args.res)
+    rows = bias_table(cov, args.res, args.levels, args.steps, args.gamma, args.preserve_snr)
+    text = markdown(rows, args.dataset, args.res, args.preserve_snr)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sampler_bias.md"), "w") as f:
         f.write(text + "\n")

@@ -19,6 +19,20 @@ def test_the_table_shows_the_uncertainty_of_x0_closing_the_gap(tmp_path, capsys)
     assert rows[1, "all"] < rows[1, "none"]
 
 
+def test_scaling_the_signal_at_the_transitions_brings_the_plain_sampler_to_ddpms_error(tmp_path):
+    """With preserve_snr a transition takes little from x_hat, so the plug-in costs about what it costs DDPM."""
+    args = ["--res", "8", "--steps", "100", "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path)]
+    rows = {}
+    for levels, scaled in (("1", "False"), ("3", "False"), ("3", "True")):
+        sampler_bias.main(args + ["--levels", levels, "--preserve_snr", scaled])
+        text = (tmp_path / "sampler_bias.md").read_text()
+        assert ("preserve_snr" in text.splitlines()[0]) == (scaled == "True")
+        rows[levels, scaled] = next(float(line.split(" | ")[4]) for line in text.splitlines()[4:]
+                                    if line.split(" | ")[3] == "none")
+    ddpm = rows["1", "False"]
+    assert rows["3", "True"] - ddpm < 0.1 * (rows["3", "False"] - ddpm)  # 0.0004 against 0.0072
+
+
 def test_levels_the_resolution_cannot_hold_are_refused(capsys):
     with pytest.raises(SystemExit):
         sampler_bias.main(["--res", "8", "--levels", "5"])
