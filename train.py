@@ -325,7 +325,12 @@ def accumulate_gradients(run, cfg, x0, t, y):
             loss = loss_of(*example)
             loss.backward()
         total += loss.detach()
-    return total, segments[0][0] if len(segments) == 1 else "levels", example
+    return total, batch_path(segments), example
+
+
+def batch_path(segments):
+    """A batch's path for the log: its one path's name, or "levels" for a stratified batch."""
+    return segments[0][0] if len(segments) == 1 else "levels"
 
 
 def step_flops(run, paths, t):

@@ -137,6 +137,12 @@ def test_bench_variants_are_train_py_settings(tmp_path):
     assert bench.variant_config(args, "full", str(tmp_path))["method"] == "ddpm_x0"
     with pytest.raises(SystemExit, match="unknown variant 'ssd-fast'"):
         bench.variant_config(args, "ssd-fast", str(tmp_path))
+    for variant, names in (("ssd", ["64->64", "32->32", "16->16", "8->8", "32->64", "16->32", "8->16"]),
+                           ("ssd-strat", ["levels", "32->64", "16->32", "8->16"])):  # what bench.py times
+        method = methods.from_spec(train.method_spec(bench.variant_config(args, variant, str(tmp_path)), 3, 0))
+        batches = list(bench.training_batches(method, 128))
+        assert [name for name, _, _ in batches] == names
+        assert sum(share for _, share, _ in batches) == pytest.approx(1.0)
 
 
 def test_a_sampling_chain_costs_the_sum_of_its_steps():
