@@ -101,9 +101,9 @@ class ScaleSpaceMethod:
         n = len(t)
         if n not in self._strata:
             weights = ssd.level_weights(self.ss, self.level_shares)
-            ends = list(itertools.accumulate(ssd.stratum_sizes(n, weights)))
-            self._strata[n] = [(path.name, slice(end - size, end), scale) for path, end, size, scale in
-                               zip(self.paths, ends, ssd.stratum_sizes(n, weights), ssd.stratum_scales(n, weights))]
+            sizes = ssd.stratum_sizes(n, weights)
+            self._strata[n] = [(path.name, slice(end - size, end), scale) for path, size, end, scale in
+                               zip(self.paths, sizes, itertools.accumulate(sizes), ssd.stratum_scales(n, weights))]
         return self._strata[n]
 
     def batches_to_compile(self, n):

@@ -61,7 +61,8 @@ def stratum_sizes(n, weights):
     """Images of each level in a stratified batch of n: n * weight rounded by largest remainder, at least one each
     (a level with none would go untrained, and its weight could not be restored by scaling)."""
     if n < len(weights):
-        raise ValueError(f"a stratified batch needs at least one image per level: {n} images for {len(weights)} levels")
+        raise ValueError(f"a stratified batch needs at least one image per level: {n} images for "
+                         f"{len(weights)} levels")
     exact = [n * w for w in weights]
     sizes = [max(1, math.floor(e)) for e in exact]
     while sum(sizes) < n:  # the largest remainder gets the next image

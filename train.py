@@ -489,6 +489,9 @@ def main(argv=None):
     if cfg["batch_size"] % world or per_rank % (cfg["micro_batch"] or per_rank):
         raise ValueError(f"--batch_size {cfg['batch_size']} must split evenly over {world} processes and into "
                          f"micro-batches of {cfg['micro_batch']}")
+    if cfg["stratified"] and per_rank < cfg["levels"]:
+        raise ValueError(f"--stratified True puts every level in each GPU's batch: {per_rank} images per GPU for "
+                         f"{cfg['levels']} levels; raise --batch_size")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # every path has static shapes: pick each conv's fastest kernel

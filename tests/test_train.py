@@ -192,6 +192,8 @@ def test_a_stratified_step_weights_each_level_back_to_the_papers_loss(tmp_path, 
     fit(tmp_path / "resumed", cache_dir, "--max_steps", "1", *args)
     resumed = fit(tmp_path / "resumed", cache_dir, "--max_steps", "3", "--resume", "True", *args)
     assert_same(straight["model"], resumed["model"], "model")
+    with pytest.raises(ValueError, match="every level in each GPU's batch: 1 images per GPU for 2 levels"):
+        train.main(tiny_argv(tmp_path / "small", cache_dir, "--stratified", "True", "--batch_size", "1"))
     with pytest.raises(ValueError, match="stratified: checkpoint True vs now False"):
         train.main(tiny_argv(tmp_path / "straight", cache_dir, "--max_steps", "4", "--resume", "True"))
 
