@@ -98,7 +98,10 @@ class ScaleSpaceMethod:
         that is not a transition runs every level's path on its fixed share of the images (ssd.batch_steps)."""
         if not self.stratified or int(t[0]) in self.ss.transitions:
             return [(self.path_name(int(t[0])), slice(0, len(t)), 1.0)]
-        n = len(t)
+        return self._stratified_segments(len(t))
+
+    def _stratified_segments(self, n):
+        """The segments of every stratified batch of n: the level paths (the first L paths), finest first."""
         if n not in self._strata:
             weights = ssd.level_weights(self.ss, self.level_shares)
             sizes = ssd.stratum_sizes(n, weights)
@@ -112,8 +115,9 @@ class ScaleSpaceMethod:
         if not self.stratified:
             return [self.path_steps(path, n) for path in self.paths]
         levels, transitions = self.paths[:self.ss.levels], self.paths[self.ss.levels:]
-        sizes = ssd.stratum_sizes(n, ssd.level_weights(self.ss, self.level_shares))
-        return [torch.cat([self.path_steps(path, k) for path, k in zip(levels, sizes)])] + \
+        segments = self._stratified_segments(n)
+        return [torch.cat([self.path_steps(path, images.stop - images.start)
+                           for path, (_, images, _) in zip(levels, segments)])] + \
             [self.path_steps(path, n) for path in transitions]
 
     def path_name(self, t):
