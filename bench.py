@@ -10,9 +10,8 @@ in one run on one GPU. Training times train.py's own step (train.train_step) on 
 Variants: "ssd" (the Flexi-UNet with L levels), "flexi1" (the same network at one level), "full" (the ADM UNet at
 full resolution, DDPM-x0) and "msf" (msf.py), each with optional suffixes that turn one thing off or on:
 -eager (no torch.compile), -nograph (no CUDA graphs, in training or sampling), -cl (channels-last), -paperattn
-(the paper's attention, no QK-norm), -fp32attn (the paper's attention in float32), -strat (--stratified: every
-level in each batch). Training time is measured per path (a stratified batch counts as one) and averaged with the
-share of batches each path gets (methods.py); compilation and warm-up are excluded,
+(the paper's attention, no QK-norm), -fp32attn (the paper's attention in float32). Training time is measured per
+path and averaged with the share of batches each path gets (methods.py); compilation and warm-up are excluded,
 CUDA is synchronised, and each figure is the median of several repeats. Memory: "peak GB" is the most allocated at
 once; with CUDA graphs the recorded paths' activations live in the graphs' own pool, so "reserved GB" (all the
 process holds) is the figure that compares. Results go to OUT/bench_<res>px.json and .md, rewritten after each
@@ -37,8 +36,7 @@ from ssd import seeded_noise
 
 VARIANTS = {"ssd": [], "flexi1": ["--levels", "1"], "full": ["--method", "ddpm_x0"], "msf": ["--method", "msf"]}
 SUFFIXES = {"eager": ["--compile", "False"], "nograph": ["--cuda_graphs", "False"], "cl": ["--channels_last", "True"],
-            "paperattn": ["--qk_norm", "False"], "fp32attn": ["--qk_norm", "False", "--attention_fp32", "True"],
-            "strat": ["--stratified", "True"]}
+            "paperattn": ["--qk_norm", "False"], "fp32attn": ["--qk_norm", "False", "--attention_fp32", "True"]}
 
 
 def variant_config(args, variant, out_dir):
@@ -61,8 +59,7 @@ def synthetic_data(res):
 
 
 def bench_training(run, cfg, data, args, peak, ceiling=None):
-    """Each path's training step timed (with --stratified: the batch of every level, and each transition's);
-    with a ceiling (roofline.ceilings) also its work and kernels by kind."""
+    """Each path's training step timed; with a ceiling (roofline.ceilings) also its work and kernels by kind."""
     batch = cfg["batch_size"]
     compile_s = train.compile_paths(run, cfg, data)
     print(f"  compiled the training paths in {compile_s:.0f} s", flush=True)
@@ -70,38 +67,30 @@ def bench_training(run, cfg, data, args, peak, ceiling=None):
     eager_cfg = eager_config(cfg)
     eager = train.build_run(eager_cfg, data, device=run.device) if ceiling else None
     rows, where, avg_time, avg_flops = [], [], 0.0, 0.0
-    paths = {path.name: path for path in run.method.paths}
-    for name, share, t in training_batches(run.method, batch):
+    for path in run.method.paths:
+        t = run.method.path_steps(path, batch)
         step = lambda: train.train_step(run, cfg, x0, t)
         for _ in range(3):  # warm-up: optimizer state, allocator, autotuning
             step()
         torch.cuda.reset_peak_memory_stats()
         seconds = roofline.cuda_seconds(step, args.repeats, args.iters)
-        flops = train.step_flops(run, paths, t)
-        rows.append(dict(path=name, share=share, ms=1000 * seconds, images_per_s=batch / seconds,
+        flops = 3e9 * run.method.gflops(run.model, path) * batch  # forward and backward: about 3x the forward
+        rows.append(dict(path=path.name, share=path.share, ms=1000 * seconds, images_per_s=batch / seconds,
                          tflops=flops / seconds / 1e12, mfu=flops / seconds / peak,
                          peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30,
                          reserved_gb=torch.cuda.max_memory_reserved() / 2 ** 30))
-        print(f"  {name}: {1000 * seconds:.1f} ms/step, {rows[-1]['mfu'] * 100:.1f}% MFU", flush=True)
+        print(f"  {path.name}: {1000 * seconds:.1f} ms/step, {rows[-1]['mfu'] * 100:.1f}% MFU", flush=True)
         if ceiling:
             eager_step = lambda: train.train_step(eager, eager_cfg, x0, t)
             eager_step()  # the optimiser's state exists from here on, as in training
-            where.append(roofline.row(name, flops, roofline.unfused_bytes(eager_step),
+            where.append(roofline.row(path.name, flops, roofline.unfused_bytes(eager_step),
                                       *roofline.kernel_times(step), ceiling))
-        avg_time += share * seconds
-        avg_flops += share * flops
+        avg_time += path.share * seconds
+        avg_flops += path.share * flops
     return dict(paths=rows, compile_s=compile_s, ms_per_step=1000 * avg_time, images_per_s=batch / avg_time,
                 tflops=avg_flops / avg_time / 1e12, mfu=avg_flops / avg_time / peak,
                 peak_mem_gb=max(r["peak_mem_gb"] for r in rows), reserved_gb=max(r["reserved_gb"] for r in rows),
                 **(dict(roofline=where) if ceiling else {}))
-
-
-def training_batches(method, batch):
-    """Every kind of training batch of that size: (its path, its share of the batches, its steps)."""
-    paths = {path.name: path for path in method.paths}
-    for t in method.batches_to_compile(batch):
-        segments = method.segments(t)
-        yield train.batch_path(segments), sum(paths[path].share for path, _, _ in segments), t
 
 
 def eager_config(cfg):

@@ -31,13 +31,12 @@ class PathGraphs:
     def backward(self, key, loss_fn, inputs, first):
         """loss_fn(*inputs).backward() by replay, recording it on the first call for key; returns the loss.
 
-        first: the step's first micro-batch, whose replay starts from zero gradients. Every buffer is zeroed, not
-        only this path's: a later micro-batch of the step may run another path (--stratified)."""
+        first: the step's first micro-batch, whose replay starts from zero gradients."""
         if key not in self.graphs:
             self.graphs[key] = self.capture(loss_fn, inputs)
         graph, static, on_path, loss = self.graphs[key]
         if first:
-            torch._foreach_zero_(self.grad_buffers)
+            torch._foreach_zero_([buffer for _, buffer in on_path])
         for p, buffer in on_path:  # the optimiser sets .grad to None after each step; blocks off the path keep None
             p.grad = buffer
         for target, value in zip(static, inputs):

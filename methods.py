@@ -13,11 +13,9 @@ checkpoint rebuilds its network and its process with flexi_unet.py and degrade.p
     method.build_model()                 the network (an nn.Module)
     method.channels, method.num_classes  of the images, and of the labels (0: unconditional)
     method.paths                         every path a training batch can take, with its share of batches
-    method.draw_steps(n, shared, local)  the steps t of one batch (CPU int64): one path, or every level's in turn
-    method.segments(t)                   the batch's runs of one path: (path name, slice, loss scale)
+    method.draw_steps(n, shared, local)  the steps t of one batch (CPU int64), all on one path
     method.path_name(t)                  "64->64": input resolution -> output resolution
     method.path_steps(path, n)           the steps of a batch of n on a path
-    method.batches_to_compile(n)         the steps of one batch of n of every shape training draws
     method.example(x0, t, noise, y)      the network's inputs, targets and labels: a tuple of tensors, in float32
                                          (the forward process is exact)
     method.loss(model, example)          per-image losses (B,)
@@ -28,7 +26,6 @@ checkpoint rebuilds its network and its process with flexi_unet.py and degrade.p
 """
 import dataclasses
 import inspect
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -68,21 +65,18 @@ class ScaleSpaceMethod:
         self.min_snr = spec["min_snr"]
         self.transition_share = spec.get("transition_share")
         self.level_shares = spec.get("level_shares")  # relative, finest level first; None: by number of steps
-        self.stratified = spec.get("stratified", False)  # every level in each batch that is not a transition
         self.channels, self.num_classes = self.unet.in_channels, self.unet.num_classes
         self.paths = self._paths()
-        self._strata = {}  # batch size -> the stratified batch's segments
 
     def _paths(self):
         """One path per level (its resolution-preserving steps), and one per resolution change."""
         share = (self.ss.levels - 1) / self.ss.T if self.transition_share is None else self.transition_share
         inner = ssd.inner_steps(self.ss)
-        for option, on in (("--level_shares", self.level_shares is not None), ("--stratified", self.stratified)):
-            if on and not all(len(steps) for steps in inner):
-                raise ValueError(f"{option}: a level has no resolution-preserving steps (two transitions are "
-                                 f"adjacent); give transitions further apart, or leave {option} out")
-        weights = ssd.level_weights(self.ss, self.level_shares)
-        paths = [Path(self.path_name(int(steps[0])), int(steps[0]), (1 - share) * w)
+        if self.level_shares is not None and not all(len(steps) for steps in inner):
+            raise ValueError("--level_shares: a level has no resolution-preserving steps (two transitions are "
+                             "adjacent); give transitions further apart, or leave --level_shares out")
+        weights = self.level_shares or [len(steps) for steps in inner]
+        paths = [Path(self.path_name(int(steps[0])), int(steps[0]), (1 - share) * w / sum(weights))
                  for steps, w in zip(inner, weights) if len(steps)]
         paths += [Path(self.path_name(t), t, share / len(self.ss.transitions)) for t in self.ss.transitions]
         return paths
@@ -91,34 +85,7 @@ class ScaleSpaceMethod:
         return UNet(self.unet)
 
     def draw_steps(self, n, shared, local):
-        return ssd.batch_steps(self.ss, n, shared, local, self.transition_share, self.level_shares, self.stratified)
-
-    def segments(self, t):
-        """The batch's runs of one path, in order: (path name, slice of the batch, loss scale). A stratified batch
-        that is not a transition runs every level's path on its fixed share of the images (ssd.batch_steps)."""
-        if not self.stratified or int(t[0]) in self.ss.transitions:
-            return [(self.path_name(int(t[0])), slice(0, len(t)), 1.0)]
-        return self._stratified_segments(len(t))
-
-    def _stratified_segments(self, n):
-        """The segments of every stratified batch of n: the level paths (the first L paths), finest first."""
-        if n not in self._strata:
-            weights = ssd.level_weights(self.ss, self.level_shares)
-            sizes = ssd.stratum_sizes(n, weights)
-            self._strata[n] = [(path.name, slice(end - size, end), scale) for path, size, end, scale in
-                               zip(self.paths, sizes, itertools.accumulate(sizes), ssd.stratum_scales(n, weights))]
-        return self._strata[n]
-
-    def batches_to_compile(self, n):
-        """The steps of one batch of n of every shape training draws: each path's, or with stratified one batch of
-        all levels and each transition's."""
-        if not self.stratified:
-            return [self.path_steps(path, n) for path in self.paths]
-        levels, transitions = self.paths[:self.ss.levels], self.paths[self.ss.levels:]
-        segments = self._stratified_segments(n)
-        return [torch.cat([self.path_steps(path, images.stop - images.start)
-                           for path, (_, images, _) in zip(levels, segments)])] + \
-            [self.path_steps(path, n) for path in transitions]
+        return ssd.batch_steps(self.ss, n, shared, local, self.transition_share, self.level_shares)
 
     def path_name(self, t):
         return f"{self.ss.res(t)}->{self.out_res(t)}"
@@ -174,17 +141,15 @@ class ScaleSpaceMethod:
         return len(self.paths)
 
 
-def ssd_spec(method, unet_config, scale_space, min_snr=5.0, transition_share=None, level_shares=None,
-             stratified=False):
+def ssd_spec(method, unet_config, scale_space, min_snr=5.0, transition_share=None, level_shares=None):
     """The spec of ssd, ddpm_x0 or ddpm_eps: scale_space holds ScaleSpace's arguments; level_shares, if given, the
-    relative shares of batches of the levels' resolution-preserving paths, finest first (normalised here);
-    stratified, every level in each batch that is not a transition (ssd.batch_steps)."""
+    relative shares of batches of the levels' resolution-preserving paths, finest first (normalised here)."""
     parameterisation = "eps" if method == "ddpm_eps" else "x0"
     if level_shares is not None:
         level_shares = [w / sum(level_shares) for w in level_shares]
     return dict(method=method, unet=unet_spec(unet_config), scale_space=dict(scale_space),
                 parameterisation=parameterisation, min_snr=min_snr, transition_share=transition_share,
-                level_shares=level_shares, stratified=stratified)
+                level_shares=level_shares)
 
 
 def completed(spec):
@@ -199,7 +164,7 @@ def completed(spec):
         defaults = {name: p.default for name, p in inspect.signature(ScaleSpace).parameters.items()
                     if p.default is not inspect.Parameter.empty}
         spec["scale_space"] = {**defaults, **spec["scale_space"]}
-        spec = {"transition_share": None, "level_shares": None, "stratified": False, **spec}
+        spec = {"transition_share": None, "level_shares": None, **spec}
     return spec
 
 

@@ -212,9 +212,6 @@ class MSFMethod:
         t_base = torch.randint(self.ss_base.T, (n,), generator=local)
         return torch.stack([t_res, t_base], dim=1)
 
-    def segments(self, t):
-        return [("msf", slice(0, len(t)), 1.0)]
-
     def path_name(self, t):
         return "msf"
 
@@ -231,9 +228,6 @@ class MSFMethod:
 
     def path_steps(self, path, n):
         return torch.zeros((n, 2), dtype=torch.long)
-
-    def batches_to_compile(self, n):
-        return [self.path_steps(self.paths[0], n)]
 
     def sample(self, model, n, steps=None, sampler="ancestral", noise=None, y=None, cfg_scale=1.0, record=(),
                x0_error=None):

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 # Training
 
 
-def batch_steps(ss, batch_size, shared_gen, local_gen, transition_share=None, level_shares=None,
-                stratified=False):
+def batch_steps(ss, batch_size, shared_gen, local_gen, transition_share=None, level_shares=None):
     """The steps of one batch (METHOD.md §3): every forward pass has one (input, output) resolution pair.
 
     A resolution-changing step takes the whole batch; otherwise the batch draws its steps uniformly among the
@@ -26,20 +25,12 @@ def batch_steps(ss, batch_size, shared_gen, local_gen, transition_share=None, le
     shares instead. The coin and the level come from `shared_gen`, which every DDP rank seeds alike, so all ranks
     run the same resolution pair at each step; the per-image steps come from `local_gen`. Returns a CPU int64
     tensor.
-
-    stratified (project option, not the paper's): a batch that is not a transition holds every level instead of
-    one, in the fixed numbers `stratum_sizes` gives, finest level first, so each level keeps static shapes; the
-    loss then weights them back to the paper's objective (`stratum_scales`).
     """
     share = (ss.levels - 1) / ss.T if transition_share is None else transition_share
     if ss.transitions and torch.rand((), generator=shared_gen, dtype=torch.float64) < share:
         t = ss.transitions[int(torch.randint(len(ss.transitions), (), generator=shared_gen))]
         return torch.full((batch_size,), t, dtype=torch.long)
     inner = inner_steps(ss)
-    if stratified:
-        sizes = stratum_sizes(batch_size, level_weights(ss, level_shares))
-        return torch.cat([steps[torch.randint(len(steps), (n,), generator=local_gen)]
-                          for steps, n in zip(inner, sizes)])
     if level_shares is not None:
         level = int(torch.multinomial(torch.tensor(level_shares, dtype=torch.float64), 1, generator=shared_gen))
         return inner[level][torch.randint(len(inner[level]), (batch_size,), generator=local_gen)]
@@ -48,35 +39,6 @@ def batch_steps(ss, batch_size, shared_gen, local_gen, transition_share=None, le
         if pick < len(steps):
             return steps[torch.randint(len(steps), (batch_size,), generator=local_gen)]
         pick -= len(steps)
-
-
-def level_weights(ss, level_shares=None):
-    """Each level's share of the batches that are not transitions, finest first: level_shares, or the paper's,
-    in proportion to the level's resolution-preserving steps."""
-    weights = level_shares or [len(steps) for steps in inner_steps(ss)]
-    return [w / sum(weights) for w in weights]
-
-
-def stratum_sizes(n, weights):
-    """Images of each level in a stratified batch of n: n * weight rounded by largest remainder, at least one each
-    (a level with none would go untrained, and its weight could not be restored by scaling)."""
-    if n < len(weights):
-        raise ValueError(f"a stratified batch needs at least one image per level: {n} images for "
-                         f"{len(weights)} levels")
-    exact = [n * w for w in weights]
-    sizes = [max(1, math.floor(e)) for e in exact]
-    while sum(sizes) < n:  # the largest remainder gets the next image
-        sizes[max(range(len(sizes)), key=lambda k: exact[k] - sizes[k])] += 1
-    while sum(sizes) > n:  # only when the at-least-one rule overshot: take back from the most over-served level
-        sizes[max((k for k in range(len(sizes)) if sizes[k] > 1), key=lambda k: sizes[k] - exact[k])] -= 1
-    return sizes
-
-
-def stratum_scales(n, weights):
-    """The loss scale of each level's images in a stratified batch of n, so that the batch's mean loss is an
-    unbiased estimate of the paper's: sum_l weight_l * (mean loss of level l's images) = (1/n) sum_i scale_i loss_i
-    with scale = weight_l * n / size_l (1 when the rounding is exact)."""
-    return [w * n / k for w, k in zip(weights, stratum_sizes(n, weights))]
 
 
 def inner_steps(ss):

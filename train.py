@@ -62,8 +62,6 @@ SETTINGS = {
         ("transition_share", None, "share of batches on resolution-changing steps (None: the paper's, (L-1)/T)"),
         ("level_shares", None, "relative shares of the other batches per level, finest first, e.g. 4,3,2,1 (None: "
                                "the paper's, each level's number of steps; METHOD.md §3)"),
-        ("stratified", False, "every batch that is not a transition holds all levels in fixed numbers, weighted "
-                              "back to the paper's loss (METHOD.md §3; not the paper's: it draws one level)"),
         ("msf_factor", 2, "msf: the base lives at res / msf_factor (2 or 4)"),
     ],
     "model": [
@@ -184,9 +182,6 @@ def check_config(cfg):
     need(shares is None or cfg["method"] == "ssd" and len(shares) == cfg["levels"] and
          all(math.isfinite(w) and w > 0 for w in shares),
          f"--level_shares: give one positive share per level ({cfg['levels']}, finest first) of an ssd run")
-    need(not cfg["stratified"] or cfg["method"] == "ssd" and cfg["levels"] > 1,
-         "--stratified True mixes the levels in each batch, and this run has one (it needs --method ssd with "
-         "--levels 2 or more)")
     need(cfg["min_snr"] > 0 and cfg["gamma"] > 0, "--min_snr and --gamma must be positive")
     need(cfg["micro_batch"] is None or cfg["micro_batch"] >= 1, "--micro_batch: must be at least 1")
     for key in ("snapshot_minutes", "snapshot_steps"):
@@ -218,7 +213,7 @@ def method_spec(cfg, channels, num_classes):
     make = paper_config if cfg["model"] == "paper" else tiny_config
     unet = make(cfg["res"], cfg["levels"], in_channels=channels, flexi=cfg["flexi"], **options)
     return methods.ssd_spec(cfg["method"], unet, scale_space, cfg["min_snr"], cfg["transition_share"],
-                            cfg["level_shares"], cfg["stratified"])
+                            cfg["level_shares"])
 
 
 # -----------------------------------------------------------------------------
@@ -277,9 +272,8 @@ def build_run(cfg, data, rank=0, world=1, device=torch.device("cpu")):
 
 
 def train_step(run, cfg, x0, t, y=None):
-    """One optimiser step on this rank's batch: images x0, steps t (one path, or with --stratified every level's
-    in turn), labels y. Returns (loss, path, gradient norm); the two numbers stay on the device, so the loop never
-    waits for the GPU. A stratified batch's path is "levels"."""
+    """One optimiser step on this rank's batch: images x0, steps t (all on one path), labels y. Returns (loss,
+    path, gradient norm); the two numbers stay on the device, so the loop never waits for the GPU."""
     loss, path, example = accumulate_gradients(run, cfg, x0, t, y)
     if run.world > 1:
         all_reduce_gradients(run.params, run.world)
@@ -305,38 +299,22 @@ def train_step(run, cfg, x0, t, y=None):
 
 
 def accumulate_gradients(run, cfg, x0, t, y):
-    """Forward and backward of the batch, path by path (one, or every level's with --stratified) and in
-    micro-batches, gradients summed; returns (the batch's mean loss, its path, the last micro-batch's example).
-    A step replays recorded graphs only if all its micro-batches fit one: a replay hands each parameter its
-    graph's gradient buffer, which would drop what an eager micro-batch had left in .grad."""
-    per_rank, segments = x0.shape[0], run.method.segments(t)
+    """Forward and backward of the batch in micro-batches, gradients summed; returns (the batch's mean loss, its
+    path, the last micro-batch's example)."""
+    path, per_rank = run.method.path_name(t), x0.shape[0]
     micro = cfg["micro_batch"] or per_rank
-    parts = [(path, scale, run.method.example(x0[part], t[part], run.noise, None if y is None else y[part],
-                                              cfg["channels_last"]))
-             for path, images, scale in segments
-             for part in (slice(i, min(i + micro, images.stop)) for i in range(images.start, images.stop, micro))]
-    replay = run.graphs is not None and all(run.graphs.fits(example) for _, _, example in parts)
     total = torch.zeros((), device=x0.device)
-    for k, (path, scale, example) in enumerate(parts):
-        loss_of = lambda *tensors: batch_loss(run, tensors) * (scale / per_rank)
-        if replay:  # the recorded forward and backward
-            loss = run.graphs.backward((path, example[0].shape[0], scale), loss_of, example, first=k == 0)
+    for i in range(0, per_rank, micro):
+        part = slice(i, i + micro)
+        example = run.method.example(x0[part], t[part], run.noise, None if y is None else y[part], cfg["channels_last"])
+        loss_of = lambda *tensors: batch_loss(run, tensors) / per_rank
+        if run.graphs is not None and run.graphs.fits(example):  # the recorded forward and backward, replayed
+            loss = run.graphs.backward((path, micro), loss_of, example, first=i == 0)
         else:
             loss = loss_of(*example)
             loss.backward()
         total += loss.detach()
-    return total, batch_path(segments), example
-
-
-def batch_path(segments):
-    """A batch's path for the log: its one path's name, or "levels" for a stratified batch."""
-    return segments[0][0] if len(segments) == 1 else "levels"
-
-
-def step_flops(run, paths, t):
-    """Model FLOPs of a training step on steps t: forward and backward, 3x the forward's, on each path's images."""
-    return 3e9 * sum(run.method.gflops(run.model, paths[path]) * (images.stop - images.start)
-                     for path, images, _ in run.method.segments(t))
+    return total, path, example
 
 
 def batch_loss(run, example):
@@ -367,9 +345,8 @@ def compile_paths(run, cfg, data):
     x0, y = get_batch(data, per_rank, torch.Generator().manual_seed(0), run.device)
     y = y if run.method.num_classes else None  # as in training: labels of an unconditional run would recompile
     start = time.time()
-    for t in tqdm(run.method.batches_to_compile(per_rank), desc="compiling every path", disable=run.rank > 0,
-                  leave=False):
-        accumulate_gradients(run, cfg, x0, t, y)
+    for path in tqdm(run.method.paths, desc="compiling every path", disable=run.rank > 0, leave=False):
+        accumulate_gradients(run, cfg, x0, run.method.path_steps(path, per_rank), y)
     run.opt.zero_grad(set_to_none=True)
     set_rng_states(run.gens, states, run.device)
     if run.device.type == "cuda":
@@ -415,8 +392,7 @@ def restore(run, cfg, ckpt):
 
 # The settings the spec is made of: named when a resumed run differs in them.
 MODEL_SETTINGS = ("dataset", "res", "method", "levels", "schedule", "gamma", "transitions", "op", "noise",
-                  "preserve_snr", "T", "min_snr", "transition_share", "level_shares", "stratified", "msf_factor",
-                  "model", "flexi",
+                  "preserve_snr", "T", "min_snr", "transition_share", "level_shares", "msf_factor", "model", "flexi",
                   "dropout", "qk_norm", "attention_fp32", "upsample_transitions", "class_cond")
 
 
@@ -489,9 +465,6 @@ def main(argv=None):
     if cfg["batch_size"] % world or per_rank % (cfg["micro_batch"] or per_rank):
         raise ValueError(f"--batch_size {cfg['batch_size']} must split evenly over {world} processes and into "
                          f"micro-batches of {cfg['micro_batch']}")
-    if cfg["stratified"] and per_rank < cfg["levels"]:
-        raise ValueError(f"--stratified True puts every level in each GPU's batch: {per_rank} images per GPU for "
-                         f"{cfg['levels']} levels; raise --batch_size")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # every path has static shapes: pick each conv's fastest kernel
@@ -534,10 +507,10 @@ def main(argv=None):
     snapshots = sorted(m for m in cfg["snapshot_minutes"] or () if 60 * m > run.train_seconds)
     snapshot_steps = set(cfg["snapshot_steps"] or ())
     while not done:  # decided after a step's log line, so the last step is logged and checkpointed
-        t = run.method.draw_steps(per_rank, run.gens["shared"], run.gens["local"])  # one path, or every level's
+        t = run.method.draw_steps(per_rank, run.gens["shared"], run.gens["local"])  # one path for the whole batch
         x0, y = get_batch(data, per_rank, run.gens["local"], device)
         loss, path, grad_norm = train_step(run, cfg, x0, t, with_null_labels(run, cfg, y))
-        window.add(path, loss, grad_norm, step_flops(run, paths, t) if peak else 0)
+        window.add(path, loss, grad_norm, 3e9 * run.method.gflops(run.model, paths[path]) * per_rank if peak else 0)
         bar.update(1)
         done = run.step >= cfg["max_steps"]
         checkpoint = run.step % cfg["ckpt_every"] == 0 or done

@@ -13,12 +13,11 @@ import train
 from flexi_unet import tiny_config
 
 
-def ssd_method(res, levels, transition_share=None, level_shares=None, transitions=None, stratified=False):
+def ssd_method(res, levels, transition_share=None, level_shares=None, transitions=None):
     scale_space = dict(res=res, levels=levels, T=1000, schedule="convex", gamma=0.5, op="bilinear", noise="linear",
                        transitions=transitions)
     return methods.from_spec(methods.ssd_spec("ssd", tiny_config(res, min(levels, 3)), scale_space,
-                                              transition_share=transition_share, level_shares=level_shares,
-                                              stratified=stratified))
+                                              transition_share=transition_share, level_shares=level_shares))
 
 
 @pytest.mark.parametrize("res,levels", [(64, 3), (32, 1), (64, 2)])
@@ -33,46 +32,6 @@ def test_path_shares_follow_the_batch_rule(res, levels):
         assert shares[f"{res}->{res}"] == pytest.approx(555 / 1000)
     for path in method.paths:  # a path's representative step and its batches run that path
         assert method.path_name(method.path_steps(path, 4)) == path.name
-
-
-def test_stratified_batches_run_every_level_on_fixed_slices():
-    method = ssd_method(64, 4, transition_share=0.2, stratified=True)
-    shared, local = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
-    levels = [path.name for path in method.paths[:4]]
-    kinds = collections.Counter()
-    for _ in range(500):
-        t = method.draw_steps(16, shared, local)
-        segments = method.segments(t)
-        for path, images, _ in segments:  # each slice holds steps of its own path only
-            assert {method.path_name(s) for s in t[images]} == {path}
-        kinds[len(segments)] += 1
-        if len(segments) > 1:
-            assert [path for path, _, _ in segments] == levels  # finest first, the same slices every batch
-            assert [images.stop - images.start for _, images, _ in segments] == [7, 5, 3, 1]
-    assert kinds[1] / 500 == pytest.approx(0.2, abs=0.06) and set(kinds) == {1, 4}  # a transition takes it all
-    assert [len(t) for t in method.batches_to_compile(16)] == [16, 16, 16, 16]  # all levels, then 3 transitions
-    assert method.segments(method.batches_to_compile(16)[0]) == segments
-
-
-def test_stratified_batches_estimate_the_papers_loss_without_bias():
-    """For any per-step loss f(t), the scaled mean over a stratified batch has the expectation of the paper's
-    batch mean over the same non-transition batches: sum_l share_l * mean of f over level l's steps, exactly
-    (uneven shares, so the rounding of the slices is not exact and the scales differ from one)."""
-    f = torch.rand(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    paper = ssd_method(64, 4, transition_share=0.0, level_shares=[6, 1, 1, 1])
-    exact = sum(w * f[steps].mean() for w, steps in zip(ssd.level_weights(paper.ss, [6, 1, 1, 1]),
-                                                        ssd.inner_steps(paper.ss)))
-    stratified = ssd_method(64, 4, transition_share=0.0, level_shares=[6, 1, 1, 1], stratified=True)
-    inner = {paper.path_name(int(steps[0])): steps for steps in ssd.inner_steps(paper.ss)}
-    segments = stratified.segments(stratified.batches_to_compile(16)[0])
-    assert sorted(scale for _, _, scale in segments) != pytest.approx([1.0] * 4)
-    expected = sum(scale * (images.stop - images.start) / 16 * f[inner[path]].mean()
-                   for path, images, scale in segments)
-    assert float(expected) == pytest.approx(float(exact), rel=1e-12)
-    shared, local = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)  # and by drawing batches
-    estimates = torch.stack([sum(scale * f[t[images]].sum() for _, images, scale in stratified.segments(t)) / 16
-                             for t in (stratified.draw_steps(16, shared, local) for _ in range(4000))])
-    assert float(estimates.mean()) == pytest.approx(float(exact), abs=4 * float(estimates.std()) / 4000 ** 0.5)
 
 
 def test_drawn_batches_take_each_path_with_its_share():
@@ -137,12 +96,6 @@ def test_bench_variants_are_train_py_settings(tmp_path):
     assert bench.variant_config(args, "full", str(tmp_path))["method"] == "ddpm_x0"
     with pytest.raises(SystemExit, match="unknown variant 'ssd-fast'"):
         bench.variant_config(args, "ssd-fast", str(tmp_path))
-    for variant, names in (("ssd", ["64->64", "32->32", "16->16", "8->8", "32->64", "16->32", "8->16"]),
-                           ("ssd-strat", ["levels", "32->64", "16->32", "8->16"])):  # what bench.py times
-        method = methods.from_spec(train.method_spec(bench.variant_config(args, variant, str(tmp_path)), 3, 0))
-        batches = list(bench.training_batches(method, 128))
-        assert [name for name, _, _ in batches] == names
-        assert sum(share for _, share, _ in batches) == pytest.approx(1.0)
 
 
 def test_a_sampling_chain_costs_the_sum_of_its_steps():

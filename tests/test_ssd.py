@@ -7,8 +7,8 @@ import torch
 import ssd
 from degrade import ScaleSpace
 from sampler_bias import exact_output_moments, ideal_denoiser, ideal_x0_error
-from ssd import (batch_steps, generator_noise, inner_steps, level_weights, network_denoiser, sample, sampling_steps,
-                 seeded_noise, stratum_scales, stratum_sizes, training_example, weighted_mse)
+from ssd import (batch_steps, generator_noise, inner_steps, network_denoiser, sample, sampling_steps,
+                 seeded_noise, training_example, weighted_mse)
 
 # --- Gaussian data: x_0 ~ N(m, C) on 8x8 single-channel images, a smooth mean and a smooth covariance -------------
 
@@ -192,18 +192,6 @@ def test_batch_steps_rule():
     boosted = [batch_steps(ss, 4, shared, local, transition_share=0.1) for _ in range(2000)]
     assert sum(int(t[0]) in ss.transitions for t in boosted) / 2000 == pytest.approx(0.1, abs=0.02)
     assert sum(len(s) for s in inner_steps(ss)) == ss.T - len(ss.transitions)
-
-
-def test_stratum_sizes_round_each_levels_share_and_keep_every_level():
-    assert stratum_sizes(128, level_weights(ScaleSpace(64, 4))) == [56, 40, 24, 8]  # the paper's shares x 128
-    assert stratum_sizes(16, [6 / 9, 1 / 9, 1 / 9, 1 / 9]) == [10, 2, 2, 2]  # largest remainders: 10.67, 1.78 x 3
-    assert stratum_sizes(5, [0.97, 0.01, 0.01, 0.01]) == [2, 1, 1, 1]  # at least one image per level
-    for n in range(4, 40):
-        sizes, scales = stratum_sizes(n, [0.5, 0.3, 0.15, 0.05]), stratum_scales(n, [0.5, 0.3, 0.15, 0.05])
-        assert sum(sizes) == n and min(sizes) >= 1
-        assert sum(k * c for k, c in zip(sizes, scales)) == pytest.approx(n)  # the scales keep the loss's size
-    with pytest.raises(ValueError, match="at least one image per level: 3 images for 4 levels"):
-        stratum_sizes(3, [0.25] * 4)
 
 
 def test_ranks_share_the_level_sequence():

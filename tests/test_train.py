@@ -148,7 +148,6 @@ def test_class_conditional_run(tmp_path, cache_dir):
     (["--qk_norm", "False", "--attention_fp32", "True"], {"16->16", "8->8", "8->16"}),  # the paper's attention
     (["--preserve_snr", "True"], {"16->16", "8->8", "8->16"}),  # the signal scaled at the resolution change
     (["--level_shares", "1e-12,1", "--transition_share", "0"], {"8->8"}),  # every batch on the coarse level
-    (["--stratified", "True"], {"levels", "8->16"}),  # every level in each batch but the transitions'
 ])
 def test_options_train(tmp_path, cache_dir, args, paths):
     fit(tmp_path, cache_dir, "--max_steps", "4", "--log_every", "1", "--sample_every", "0", *args)
@@ -172,40 +171,12 @@ def test_msf_method_trains_and_resumes_exactly(tmp_path, cache_dir):
         fit(tmp_path / "straight", cache_dir, "--max_steps", "4", "--resume", "True")  # an SSD run cannot resume it
 
 
-def test_a_stratified_step_weights_each_level_back_to_the_papers_loss(tmp_path, cache_dir):
-    """The step's loss is (1/n) sum over its images of the level's scale times the image's loss, and the run
-    resumes exactly."""
-    cfg, data, run = tiny_run(tmp_path / "step", cache_dir, "--stratified", "True", "--transition_share", "0",
-                              "--level_shares", "5,1")  # 7 and 1 of 8 images: scales 0.95 and 1.33
-    t = run.method.draw_steps(8, run.gens["shared"], run.gens["local"])
-    x0, _ = get_batch(data, 8, run.gens["local"], "cpu")
-    states = train.rng_states(run.gens, run.device)
-    loss, path, _ = train.accumulate_gradients(run, cfg, x0, t, None)
-    train.set_rng_states(run.gens, states, run.device)  # the same noise again, by hand
-    with torch.no_grad():
-        by_hand = sum(scale * run.method.loss(run.model, run.method.example(x0[images], t[images], run.noise)).sum()
-                      for _, images, scale in run.method.segments(t)) / 8
-    assert path == "levels" and len(run.method.segments(t)) == 2
-    assert float(loss) == pytest.approx(float(by_hand), rel=1e-6)
-    args = ("--stratified", "True", "--log_every", "1", "--sample_every", "0")
-    straight = fit(tmp_path / "straight", cache_dir, "--max_steps", "3", *args)
-    fit(tmp_path / "resumed", cache_dir, "--max_steps", "1", *args)
-    resumed = fit(tmp_path / "resumed", cache_dir, "--max_steps", "3", "--resume", "True", *args)
-    assert_same(straight["model"], resumed["model"], "model")
-    with pytest.raises(ValueError, match="every level in each GPU's batch: 1 images per GPU for 2 levels"):
-        train.main(tiny_argv(tmp_path / "small", cache_dir, "--stratified", "True", "--batch_size", "1"))
-    with pytest.raises(ValueError, match="stratified: checkpoint True vs now False"):
-        train.main(tiny_argv(tmp_path / "straight", cache_dir, "--max_steps", "4", "--resume", "True"))
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("method", ["ssd", "msf", "ssd-stratified"])
+@pytest.mark.parametrize("method", ["ssd", "msf"])
 def test_cuda_graphs_train_as_eager_does(tmp_path, cache_dir, method):
-    """Replaying recorded paths gives the weights of plain eager steps (same seed, same batches, both paths;
-    stratified: several paths in one step)."""
-    args = ("--max_steps", "6", "--sample_every", "0", "--compile", "False", "--method", method.split("-")[0],
-            "--levels", "1" if method == "msf" else "2", "--transition_share", "0.5", "--micro_batch", "4",
-            "--stratified", str(method == "ssd-stratified"))
+    """Replaying recorded paths gives the weights of plain eager steps (same seed, same batches, both paths)."""
+    args = ("--max_steps", "6", "--sample_every", "0", "--compile", "False", "--method", method, "--levels",
+            "2" if method == "ssd" else "1", "--transition_share", "0.5", "--micro_batch", "4")
     eager = fit(tmp_path / "eager", cache_dir, "--cuda_graphs", "False", *args)
     graphed = fit(tmp_path / "graphed", cache_dir, "--cuda_graphs", "True", *args)
     for key, value in eager["model"].items():
@@ -431,7 +402,6 @@ def test_parser_rejects_bad_values(argv, message, capsys):
     (["--level_shares", "1,-1"], "--level_shares: give one positive share per level"),
     (["--level_shares", "1", "--method", "ddpm_x0", "--levels", "1"], "--level_shares: .* of an ssd run"),
     (["--level_shares", "a,b"], "--level_shares 'a,b': give one share per level"),
-    (["--stratified", "True", "--method", "ddpm_x0", "--levels", "1"], "--stratified True mixes the levels"),
     (["--device", "cpu", "--bf16", "True"], "--bf16 True needs a CUDA device"),
     (["--resume", "True", "--overwrite", "True"], "exclude each other"),
 ])
@@ -496,8 +466,7 @@ def test_a_checkpoint_written_before_an_option_existed_resumes(tmp_path, cache_d
     path = os.path.join(tmp_path, "ckpt.pt")
     ckpt = common.load_checkpoint(path)
     del ckpt["spec"]["unet"]["upsample_transitions"], ckpt["spec"]["scale_space"]["preserve_snr"]
-    del ckpt["spec"]["level_shares"], ckpt["config"]["level_shares"], ckpt["spec"]["stratified"]
-    del ckpt["config"]["stratified"]
+    del ckpt["spec"]["level_shares"], ckpt["config"]["level_shares"]
     del ckpt["config"]["upsample_transitions"], ckpt["config"]["preserve_snr"]
     common.save_checkpoint(path, ckpt)
     assert fit(tmp_path, cache_dir, "--max_steps", "2", "--sample_every", "0", "--resume", "True")["step"] == 2
