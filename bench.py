@@ -30,7 +30,7 @@ import torch
 import roofline
 import sample
 import train
-from common import parse_bool
+from common import markdown_table, parse_bool
 from data import ImageData, get_batch
 from ssd import seeded_noise
 
@@ -146,25 +146,25 @@ def largest_batch(run, cfg, data, limit=4096):
 
 
 def markdown(results, args):
-    lines = [f"### {args.res} px, SSD {args.levels} levels vs baselines — {results['device']}, {results['date']}",
-             f"`{results['command']}`", "",
-             "| variant | train ms/step | img/s | TFLOP/s | MFU | peak GB | reserved GB | " +
-             " | ".join(f"sample {s} steps: s (MFU)" for s in args.sample_steps) + " |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(args.sample_steps)]
+    variants = []
     for name, r in results["variants"].items():
         tr, sa = r.get("train", {}), r.get("sample", {})
         cells = [f"{tr['ms_per_step']:.1f}", f"{tr['images_per_s']:.0f}", f"{tr['tflops']:.0f}",
                  f"{100 * tr['mfu']:.1f}%", f"{tr['peak_mem_gb']:.1f}", f"{tr['reserved_gb']:.1f}"] if tr else ["-"] * 6
         cells += [f"{sa[f'{s}_steps_s']:.1f} ({100 * sa[f'{s}_steps_mfu']:.0f}%)" if sa else "-"
                   for s in args.sample_steps]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        variants.append([name, *cells])
+    lines = [f"### {args.res} px, SSD {args.levels} levels vs baselines — {results['device']}, {results['date']}",
+             f"`{results['command']}`", "",
+             markdown_table(["variant", "train ms/step", "img/s", "TFLOP/s", "MFU", "peak GB", "reserved GB",
+                             *(f"sample {s} steps: s (MFU)" for s in args.sample_steps)], variants)]
     for name, r in results["variants"].items():
         if "train" in r:
-            lines += ["", f"| {name} path | share of batches | ms/step | img/s | MFU | peak GB | reserved GB |",
-                      "|---|---|---|---|---|---|---|"]
-            lines += [f"| {p['path']} | {100 * p['share']:.1f}% | {p['ms']:.1f} | {p['images_per_s']:.0f} | "
-                      f"{100 * p['mfu']:.1f}% | {p['peak_mem_gb']:.1f} | {p['reserved_gb']:.1f} |"
-                      for p in r["train"]["paths"]]
+            lines += ["", markdown_table(
+                [f"{name} path", "share of batches", "ms/step", "img/s", "MFU", "peak GB", "reserved GB"],
+                [[p["path"], f"{100 * p['share']:.1f}%", f"{p['ms']:.1f}", f"{p['images_per_s']:.0f}",
+                  f"{100 * p['mfu']:.1f}%", f"{p['peak_mem_gb']:.1f}", f"{p['reserved_gb']:.1f}"]
+                 for p in r["train"]["paths"]])]
     batches = {name: r["max_batch"] for name, r in results["variants"].items() if "max_batch" in r}
     if batches:
         lines += ["", "Largest power-of-two training batch per GPU on the most expensive path: " +

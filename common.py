@@ -1,6 +1,7 @@
 """
 What train.py, sample.py and bench.py share: settings on the command line, one-line errors for the user, the
-device and the process group, the generators of a run, and checkpoints written atomically and read safely.
+device and the process group, the generators of a run, checkpoints written atomically and read safely, and the
+Markdown tables the measuring scripts write.
 
 Checkpoints hold tensors and plain data only ({"format": 1, "spec": the method's spec (methods.py), "ema": ...,
 "model": ..., ...}), are read with torch.load(weights_only=True), and are written to a temporary file that is
@@ -262,3 +263,13 @@ def claim_run_folder(folder, resume=False, overwrite=False):
         for name in held:
             os.remove(os.path.join(folder, name))
     return lock
+
+
+# -----------------------------------------------------------------------------
+# results as Markdown
+
+
+def markdown_table(header, rows):
+    """A Markdown table: the column names, then one list of cells per row (each cell already formatted)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])

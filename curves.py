@@ -47,7 +47,7 @@ import torch  # noqa: E402
 import fid  # noqa: E402
 import sample  # noqa: E402
 import ssd  # noqa: E402
-from common import load_checkpoint, parse_bool, pick_device, run_script  # noqa: E402
+from common import load_checkpoint, markdown_table, parse_bool, pick_device, run_script  # noqa: E402
 from data import load_dataset, to_uint8_images  # noqa: E402
 
 
@@ -190,21 +190,17 @@ def summary(rows):
 
 
 def summary_table(settings):
-    lines = ["| setting | method | trained on | snapshot | seeds | images seen | FID, mean | lowest - highest |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in settings:
-        lines.append(f"| {r['setting']} | {r['method']} | {r['device']} | {r['point']} | {r['seeds']} | "
-                     f"{r['images_seen']:,.0f} | {r['fid']:.2f} | {r['fid_min']:.2f} - {r['fid_max']:.2f} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["setting", "method", "trained on", "snapshot", "seeds", "images seen", "FID, mean", "lowest - highest"],
+        [[r["setting"], r["method"], r["device"], r["point"], r["seeds"], f"{r['images_seen']:,.0f}",
+          f"{r['fid']:.2f}", f"{r['fid_min']:.2f} - {r['fid_max']:.2f}"] for r in settings])
 
 
 def table(rows):
-    lines = ["| run | method | trained on | snapshot | step | images seen | FID | sampling s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['run']} | {r['method']} | {trained_on(r)} | {point(r)} | {r['step']:,} | "
-                     f"{r['images_seen']:,} | {r['fid']:.2f} | {r['sampling_seconds']:.1f} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["run", "method", "trained on", "snapshot", "step", "images seen", "FID", "sampling s"],
+        [[r["run"], r["method"], trained_on(r), point(r), f"{r['step']:,}", f"{r['images_seen']:,}",
+          f"{r['fid']:.2f}", f"{r['sampling_seconds']:.1f}"] for r in rows])
 
 
 def plot(settings, rows, path):

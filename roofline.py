@@ -20,6 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from common import markdown_table
+
 # (kind, pattern of the CUDA kernel's name): the first match names the kind.
 KINDS = [
     ("attention", r"flash|fmha|attention|sdpa"),
@@ -132,15 +134,13 @@ def heaviest_text(heaviest, scale=1.0):
 
 def markdown(variant, rows, ceiling):
     kinds = [kind for kind, _ in KINDS]
+    header = [f"{variant} path", "GFLOP/step", "GB/step unfused", "FLOPs floor ms", "bytes floor ms", "measured ms",
+              "conv+matmul+attention TFLOP/s", *(f"{k} ms" for k in kinds), "host wait ms"]
+    cells = [[r["path"], f"{r['gflop']:,.0f}", f"{r['gb']:.1f}", f"{r['flops_floor_ms']:.1f}",
+              f"{r['bytes_floor_ms']:.1f}", f"{r['wall_ms']:.1f}", f"{r['matrix_tflops']:.0f}",
+              *(f"{r['kinds'].get(k, 0.0):.1f}" for k in kinds), f"{r['host_wait_ms']:.1f}"] for r in rows]
     lines = [f"Ceilings measured in this run: bf16 matrix product {ceiling[0]:.0f} TFLOP/s, copy {ceiling[1]:.0f} GB/s.",
-             "", f"| {variant} path | GFLOP/step | GB/step unfused | FLOPs floor ms | bytes floor ms | measured ms | "
-             "conv+matmul+attention TFLOP/s | " + " | ".join(f"{k} ms" for k in kinds) + " | host wait ms |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(kinds) + "---|"]
-    for r in rows:
-        cells = [f"{r['gflop']:,.0f}", f"{r['gb']:.1f}", f"{r['flops_floor_ms']:.1f}", f"{r['bytes_floor_ms']:.1f}",
-                 f"{r['wall_ms']:.1f}", f"{r['matrix_tflops']:.0f}"]
-        cells += [f"{r['kinds'].get(k, 0.0):.1f}" for k in kinds] + [f"{r['host_wait_ms']:.1f}"]
-        lines.append(f"| {r['path']} | " + " | ".join(cells) + " |")
-    lines += ["", "The heaviest kernels outside the matrix products and attention, ms per step:"]
+             "", markdown_table(header, cells),
+             "", "The heaviest kernels outside the matrix products and attention, ms per step:"]
     lines += [f"- {r['path']}: " + "; ".join(heaviest_text(r["heaviest"])) for r in rows]
     return "\n".join(lines)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import ssd
-from common import parse_bool, run_script
+from common import markdown_table, parse_bool, run_script
 from data import load_dataset
 from degrade import ScaleSpace
 from fid import frechet_distance
@@ -154,13 +154,11 @@ def bias_table(cov, res, levels, steps, gamma=0.5, preserve_snr=False, images=X0
 
 def markdown(rows, name, res, preserve_snr=False):
     process = ", the signal scaled at each resolution change (preserve_snr)" if preserve_snr else ""
-    lines = [f"Samplers with the ideal denoiser of a Gaussian fitted to {name}'s luminance at {res} px{process}:", "",
-             "| levels | transitions | steps | x_0 uncertainty | Frechet distance | variance kept |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['levels']} | {', '.join(map(str, r['transitions'])) or '-'} | {r['steps']} | "
-                     f"{r['x0_uncertainty']} | {r['frechet']:.4f} | {r['variance_kept']:.3f} |")
-    return "\n".join(lines)
+    table = markdown_table(
+        ["levels", "transitions", "steps", "x_0 uncertainty", "Frechet distance", "variance kept"],
+        [[r["levels"], ", ".join(map(str, r["transitions"])) or "-", r["steps"], r["x0_uncertainty"],
+          f"{r['frechet']:.4f}", f"{r['variance_kept']:.3f}"] for r in rows])
+    return f"Samplers with the ideal denoiser of a Gaussian fitted to {name}'s luminance at {res} px{process}:\n\n{table}"
 
 
 def comma_ints(text):

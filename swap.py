@@ -31,7 +31,7 @@ import curves
 import fid
 import sample
 import ssd
-from common import pick_device, run_script
+from common import markdown_table, pick_device, run_script
 from data import load_dataset, to_uint8_images
 
 
@@ -129,9 +129,9 @@ def main(argv=None):
     with open(os.path.join(args.out, "swap.json"), "w") as f:
         json.dump(dict(at=ats, n=args.n, steps=args.steps, max_ref=args.max_ref, floor=floor, chains=rows), f,
                   indent=1)
-    text = "\n".join(["| network above the hand-over | network below | hand-over step | FID |", "|---|---|---|---|"] + [
-        f"| {r['above']} | {r['below']} | {r['at'] or 'none'} | {r['fid']:.2f} |" for r in rows] + [
-        "", f"{args.n:,} samples at {args.steps} steps; floor: {args.n:,} training images score {floor:.2f}."])
+    text = markdown_table(["network above the hand-over", "network below", "hand-over step", "FID"],
+                          [[r["above"], r["below"], r["at"] or "none", f"{r['fid']:.2f}"] for r in rows])
+    text += f"\n\n{args.n:,} samples at {args.steps} steps; floor: {args.n:,} training images score {floor:.2f}."
     with open(os.path.join(args.out, "swap.md"), "w") as f:
         f.write(text + "\n")
     print(text)
