@@ -125,23 +125,35 @@ def bench_sampling(run, cfg, args, peak):
     return results
 
 
-def largest_batch(run, cfg, data, limit=4096):
-    """Largest power-of-two per-GPU batch whose most expensive path trains without running out of memory."""
+def largest_batch(run, cfg, data, limit=4096, granularity=8):
+    """Largest per-GPU batch, a multiple of granularity, whose most expensive path trains without running out of
+    memory: doubling from 32 to the first batch that fails, then halving the interval between it and the last
+    that fitted (64 fits and 128 fails: 96, then 80 or 112, ...)."""
     path = max(run.method.paths, key=lambda p: run.method.gflops(run.model, p))
     if run.graphs is not None:  # eager steps: a failed capture is hard to recover from, and the memory is the same
         run.graphs.clear()
         run.graphs = None
-    best, batch = 0, 32
-    while batch <= limit:
+
+    def fits(batch):
         try:
             x0, _ = get_batch(data, batch, torch.Generator().manual_seed(0), run.device)
             train.train_step(run, dict(cfg, micro_batch=None), x0, run.method.path_steps(path, batch))
             torch.cuda.synchronize()
-            best, batch = batch, 2 * batch
+            return True
         except torch.cuda.OutOfMemoryError:
-            break
-    run.opt.zero_grad(set_to_none=True)
-    torch.cuda.empty_cache()
+            return False
+        finally:  # the next try starts from the same memory: no gradients held, the cache given back
+            run.opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+    best, failed = 0, 32
+    while failed <= limit and fits(failed):
+        best, failed = failed, 2 * failed
+    if failed > limit:
+        return best
+    while failed - best > granularity:
+        middle = (best + failed) // 2 // granularity * granularity
+        best, failed = (middle, failed) if fits(middle) else (best, middle)
     return best
 
 
@@ -167,7 +179,7 @@ def markdown(results, args):
                  for p in r["train"]["paths"]])]
     batches = {name: r["max_batch"] for name, r in results["variants"].items() if "max_batch" in r}
     if batches:
-        lines += ["", "Largest power-of-two training batch per GPU on the most expensive path: " +
+        lines += ["", "Largest training batch per GPU on the most expensive path (a multiple of 8): " +
                   ", ".join(f"{name} {b}" for name, b in batches.items())]
     lines += [""] + [f"- {k}: {v:.2f}x" for k, v in results["ratios"].items()]
     for name, r in results["variants"].items():

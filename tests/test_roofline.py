@@ -98,7 +98,7 @@ def test_the_bench_tables_read_every_field_the_bench_writes():
     table = bench.markdown(results, args)
     assert "| ssd | 80.0 | 1600 | 270 | 28.0% | 2.0 | 9.0 | 10.0 (30%) |" in table
     assert "sampling 250 images with 100 steps: 10.00 s, of which GPU kernels by kind (s): attention 0.90" in table
-    assert "| 64->64 | 20,000 | 30.0 |" in table and "Largest power-of-two training batch" in table
+    assert "| 64->64 | 20,000 | 30.0 |" in table and "Largest training batch per GPU" in table
     assert "- 64->64: at::native::elementwise_kernel (other) 5.00" in table
     assert "(s): triton_red_fused_native_group_norm_0 (Inductor reductions) 0.42" in table
     assert "the noise made by one kernel (ssd.fused_box_muller): 9.50 s, against 10.00 s" in table
@@ -116,3 +116,26 @@ def test_the_bench_writes_what_it_has_measured_so_far(tmp_path):
     assert "| ssd | 80.0 | 1600 | 270 | 28.0% | 2.0 | 9.0 | - |" in table and "| full | - | - |" in table
     assert (tmp_path / "bench_64px.md").read_text() == table + "\n"
     assert json.loads((tmp_path / "bench_64px.json").read_text())["variants"]["ssd"]["train"]["mfu"] == 0.28
+
+
+@pytest.mark.parametrize("fits_up_to, found", [(100, 96), (64, 64), (31, 24), (5000, 4096)])
+def test_the_batch_search_finds_the_largest_multiple_of_8_that_fits(monkeypatch, tmp_path, fits_up_to, found):
+    """bench.largest_batch doubles, then halves the interval; a step above fits_up_to images runs out of memory."""
+    import bench
+    import train
+    cfg = bench.eager_config(train.parse_config(["--res", "16", "--batch_size", "4", "--out_dir", str(tmp_path)]))
+    data = bench.synthetic_data(16)
+    run = train.build_run(cfg, data)
+    tried = []
+
+    def step(run, cfg, x0, t, y=None):
+        tried.append(x0.shape[0])
+        if x0.shape[0] > fits_up_to:
+            raise torch.cuda.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(bench, "get_batch", lambda data, n, gen, device: (torch.zeros(n, 1, 16, 16), None))
+    assert bench.largest_batch(run, cfg, data) == found
+    assert len(tried) <= 12 and all(b % 8 == 0 for b in tried)
