@@ -82,20 +82,19 @@ def score_path(stem, args):
 def kept_score(stem, args):
     """The score kept beside a snapshot if it was made with these settings, else None (score it again). A snapshot
     whose weights are gone can only be kept as scored."""
-    row = None
-    if os.path.exists(score_path(stem, args)):
-        with open(score_path(stem, args)) as f:
+    row, kept = None, score_path(stem, args)
+    if os.path.exists(kept):
+        with open(kept) as f:
             row = json.load(f)
     if row is not None and "floor" in row and (row["n"], row["steps"], row["max_ref"]) == (
             args.n, args.steps, args.max_ref):
         return row
     if not os.path.exists(stem + ".pt"):
         if row is None:
-            raise FileNotFoundError(f"the weights {stem}.pt are gone and no score was kept at "
-                                    f"{score_path(stem, args)}: call curves.py with the settings it was scored with, "
-                                    "or leave this run out")
+            raise FileNotFoundError(f"the weights {stem}.pt are gone and no score was kept at {kept}: call curves.py "
+                                    "with the settings it was scored with, or leave this run out")
         older = "" if "floor" in row else " by an older curves.py (no floor)"
-        raise FileNotFoundError(f"{score_path(stem, args)} was scored with --n {row['n']} --steps {row['steps']} "
+        raise FileNotFoundError(f"{kept} was scored with --n {row['n']} --steps {row['steps']} "
                                 f"--max_ref {row['max_ref']}{older} and its weights {stem}.pt are gone: call curves.py "
                                 "with those settings, or leave this run out")
     return None

@@ -36,17 +36,24 @@ from ssd import ddim_step, sampling_steps
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 weights of R, G, B
 
 
+def lmmse_gain(ss, dense, cov, t):
+    """The gain G = a C K^T (a^2 K C K^T + sigma^2 I)^-1 of the best estimate of Gaussian x_0 (covariance C) from
+    x_t = a K x_0 + sigma eps, K = R_{1:t} (dense[level of t]): E[x_0 | x_t] = m + G (x_t - a K m)."""
+    K, a, sigma = dense[ss.level_of(t)], float(ss.a[t]), float(ss.sigma[t])
+    return a * cov @ K.T @ torch.linalg.inv(a * a * K @ cov @ K.T + sigma ** 2 * torch.eye(K.shape[0]))
+
+
 def ideal_denoiser(ss, mean, cov):
-    """E[R_{1:t-1} x_0 | x_t] for Gaussian x_0 (one channel): R_{1:t-1} (m + C K^T a (a^2 K C K^T + sigma^2 I)^-1
-    (x_t - a K m)), K = R_{1:t}. The gain is computed once per step."""
+    """E[R_{1:t-1} x_0 | x_t] for Gaussian x_0 (one channel): R_{1:t-1} (m + G (x_t - a K m)), G of lmmse_gain.
+    The gain is computed once per step."""
     dense = [op.dense() for op in ss.cumulative]
     gains = {}
 
     def denoise(x_t, t):
-        K, a, sigma = dense[ss.level_of(t)], float(ss.a[t]), float(ss.sigma[t])
         if t not in gains:
             gains.clear()  # a sampler asks for one step at a time
-            gains[t] = a * cov @ K.T @ torch.linalg.inv(a * a * K @ cov @ K.T + sigma ** 2 * torch.eye(K.shape[0]))
+            gains[t] = lmmse_gain(ss, dense, cov, t)
+        K, a = dense[ss.level_of(t)], float(ss.a[t])
         x0 = mean + (x_t.flatten(1).double() - a * K @ mean) @ gains[t].T
         r = ss.sizes[ss.target_level(t)]
         return (x0 @ dense[ss.target_level(t)].T).view(-1, 1, r, r).to(x_t.dtype)
@@ -56,13 +63,12 @@ def ideal_denoiser(ss, mean, cov):
 
 def ideal_x0_error(ss, cov, steps=None, at="transitions"):
     """Errors whose second moment is the ideal denoiser's error covariance exactly, for ssd.draw_x0:
-    E = R_{1:s} (C - C K^T a (a^2 K C K^T + sigma^2 I)^-1 a K C) R_{1:s}^T, which does not depend on x_t. With
-    E = V W V^T, the n = r^2 errors sqrt(n) V W^(1/2) (as rows) have (1/n) sum_i e_i e_i^T = E."""
+    E = R_{1:s} (C - G a K C) R_{1:s}^T (G of lmmse_gain), which does not depend on x_t. With E = V W V^T, the
+    n = r^2 errors sqrt(n) V W^(1/2) (as rows) have (1/n) sum_i e_i e_i^T = E."""
     dense = [op.dense() for op in ss.cumulative]
     errors = {}
     for t in ssd.uncertain_steps(ss, steps, at):
-        K, a, sigma = dense[ss.level_of(t)], float(ss.a[t]), float(ss.sigma[t])
-        seen = a * a * cov @ K.T @ torch.linalg.inv(a * a * K @ cov @ K.T + sigma ** 2 * torch.eye(K.shape[0])) @ K
+        seen = float(ss.a[t]) * lmmse_gain(ss, dense, cov, t) @ dense[ss.level_of(t)]
         out, r = dense[ss.target_level(t)], ss.sizes[ss.target_level(t)]
         w, v = torch.linalg.eigh(out @ (cov - seen @ cov) @ out.T)
         errors[t] = (r * v * w.clamp(min=0).sqrt()).T.reshape(r * r, 1, r, r)
@@ -82,9 +88,9 @@ def exact_output_moments(ss, denoise, method="ancestral", steps=None, x0_error=N
     """The exact mean and covariance of a sampler's output (one channel), without Monte Carlo.
 
     With a linear denoiser every step is affine in (x_t, xi, zeta): x_s = A x_t + L xi + U zeta + b, zeta the unit
-    noise (one value per kept error) of the x_0 uncertainty (ssd.draw_x0) where x0_error has errors. Probing the real step code with basis
-    vectors gives A, L, U and b, and the Gaussian moments propagate exactly: m <- A m + b,
-    C <- A C A^T + L L^T + U U^T.
+    noise (one value per kept error) of the x_0 uncertainty (ssd.draw_x0) at the steps x0_error has errors.
+    Probing the real step code with basis vectors gives A, L, U and b, and the Gaussian moments propagate exactly:
+    m <- A m + b, C <- A C A^T + L L^T + U U^T.
     """
     x0_error = x0_error or {}
 
@@ -154,11 +160,12 @@ def bias_table(cov, res, levels, steps, gamma=0.5, preserve_snr=False, images=X0
 
 def markdown(rows, name, res, preserve_snr=False):
     process = ", the signal scaled at each resolution change (preserve_snr)" if preserve_snr else ""
+    title = f"Samplers with the ideal denoiser of a Gaussian fitted to {name}'s luminance at {res} px{process}:"
     table = markdown_table(
         ["levels", "transitions", "steps", "x_0 uncertainty", "Frechet distance", "variance kept"],
         [[r["levels"], ", ".join(map(str, r["transitions"])) or "-", r["steps"], r["x0_uncertainty"],
           f"{r['frechet']:.4f}", f"{r['variance_kept']:.3f}"] for r in rows])
-    return f"Samplers with the ideal denoiser of a Gaussian fitted to {name}'s luminance at {res} px{process}:\n\n{table}"
+    return f"{title}\n\n{table}"
 
 
 def comma_ints(text):
