@@ -287,6 +287,12 @@ class UNet(nn.Module):
         whole network instead costs one large graph per path and minutes per path.
         """
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+        if memory_format(self.stem.weight) is torch.channels_last and "backend" not in options:
+            # Inductor keeps a graph in the layout of its inputs when a convolution in it has at least twice as many
+            # input channels as output channels, as every decoder block's first one has (it takes the skip), and so
+            # does each backward graph (it holds no forward convolution): cuDNN would then convert to channels-last
+            # and back around each convolution. Forced, every graph keeps the model's channels-last layout.
+            options["options"] = {"force_layout_optimization": True}
         for module in self.modules():
             if isinstance(module, Block):
                 module.compile(dynamic=False, **options)  # options: torch.compile's (tests use a fast backend)

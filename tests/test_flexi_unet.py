@@ -139,6 +139,18 @@ def test_regional_compilation_gives_eager_outputs_and_gradients_on_every_path():
             assert error < 1e-5, f"{in_res}->{out_res} {name}: relative error {error:.1e}"
 
 
+def test_a_channels_last_model_compiles_every_block_with_the_layout_forced(monkeypatch):
+    """Inductor would keep the decoder blocks' graphs (and all backward graphs) in the input's layout; a channels-last
+    model asks it to force its channels-last layout optimisation in every block, and a channels-first one does not."""
+    asked = []
+    monkeypatch.setattr(Block, "compile", lambda self, **kwargs: asked.append(kwargs))
+    UNet(tiny_config(16, 3)).to(memory_format=torch.channels_last).compile_blocks()
+    assert asked and all(kw == dict(dynamic=False, options={"force_layout_optimization": True}) for kw in asked)
+    asked.clear()
+    UNet(tiny_config(16, 3)).compile_blocks()
+    assert asked and all(kw == dict(dynamic=False) for kw in asked)
+
+
 @pytest.mark.parametrize("in_res, out_res", [(8, 16), (16, 16), (4, 4)])
 def test_channels_last_gives_the_same_output_and_stays_channels_last(in_res, out_res):
     """Every block's output keeps the layout, zero skips and upsampling included: cuDNN has nothing to convert."""
