@@ -288,10 +288,11 @@ class UNet(nn.Module):
         """
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         if memory_format(self.stem.weight) is torch.channels_last and "backend" not in options:
-            # Inductor keeps a graph in the layout of its inputs when a convolution in it has at least twice as many
-            # input channels as output channels, as every decoder block's first one has (it takes the skip), and so
-            # does each backward graph (it holds no forward convolution): cuDNN would then convert to channels-last
-            # and back around each convolution. Forced, every graph keeps the model's channels-last layout.
+            # Inductor's heuristic leaves a graph in eager's layout when one of its convolutions has at least twice as
+            # many input as output channels (every decoder block's first: it takes the skip), and every backward graph
+            # (it holds no forward convolution). GroupNorm's output is channels-first there (its fake tensor says so),
+            # so cuDNN would convert to channels-last and back around those convolutions. Forced, every graph keeps
+            # the model's channels-last layout.
             options["options"] = {"force_layout_optimization": True}
         for module in self.modules():
             if isinstance(module, Block):
