@@ -38,7 +38,6 @@ import time
 
 import matplotlib
 import matplotlib.ticker
-import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -48,7 +47,7 @@ import fid  # noqa: E402
 import sample  # noqa: E402
 import ssd  # noqa: E402
 from common import load_checkpoint, markdown_table, parse_bool, pick_device, run_script  # noqa: E402
-from data import load_dataset, to_uint8_images  # noqa: E402
+from data import load_dataset, spread_indices, to_uint8_images  # noqa: E402
 
 
 def snapshots(run_dir):
@@ -147,8 +146,7 @@ def score(path, args, device, extractor, references, network=None):
 def floor(data, args, extractor):
     """FID of n training images, spread over the dataset, against the same reference statistics: what n perfect
     samples would score. A floor for the table: no snapshot's n samples can be expected to score below it."""
-    index = np.linspace(0, len(data) - 1, min(args.n, len(data))).round().astype(int)
-    return fid.fid_against_dataset(data.images[index], data, extractor, args.cache_dir, max_ref=args.max_ref)[0]
+    return fid.fid_against_dataset(data.images[spread_indices(len(data), args.n)], data, extractor, args.cache_dir, max_ref=args.max_ref)[0]
 
 
 def floors(rows):

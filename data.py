@@ -108,6 +108,11 @@ def get_batch(data, batch_size, generator, device):
     return from_uint8_images(x), y
 
 
+def spread_indices(size, n):
+    """n indices spread evenly over 0 .. size-1, the first and last included (at most size of them)."""
+    return np.linspace(0, size - 1, min(n, size)).round().astype(np.int64)
+
+
 def from_uint8_images(x):
     """uint8 NHWC images (a tensor) -> float32 NCHW in [-1, 1], the scale the models work in."""
     return x.permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1

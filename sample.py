@@ -29,7 +29,7 @@ import fid
 import methods
 import official
 from common import check_checkpoint, parse_bool, pick_device, read_checkpoint, run_script, setup_distributed
-from data import from_uint8_images, load_dataset, save_grid, to_uint8_images
+from data import from_uint8_images, load_dataset, save_grid, spread_indices, to_uint8_images
 from ssd import X0_UNCERTAINTY, sampling_steps, seeded_noise
 
 # -----------------------------------------------------------------------------
@@ -101,8 +101,7 @@ def measure_x0_error(method, net, data, steps, at, batch_size, seed=0):
     recorded shape): {t: errors} for draw(), kept on the network's device (about 50 MB per step at 64 px)."""
     device = next(net.parameters()).device
     count = -(-X0_ERROR_IMAGES // batch_size) * batch_size
-    index = torch.linspace(0, len(data) - 1, count).round().long().numpy()
-    images = from_uint8_images(torch.from_numpy(data.images[index]))
+    images = from_uint8_images(torch.from_numpy(data.images[spread_indices(len(data), count)]))
     generator = torch.Generator(device).manual_seed(seed)
     with torch.inference_mode():
         return method.measure_x0_error(net, (x.to(device) for x in images.split(batch_size)), steps, at, generator)

@@ -22,7 +22,7 @@ import torch
 
 import ssd
 from common import markdown_table, pick_device, run_script
-from data import from_uint8_images, load_dataset
+from data import from_uint8_images, load_dataset, spread_indices
 from sample import load_model
 
 
@@ -48,7 +48,7 @@ def step_errors(denoise, ss, images, steps, target_ss, batch_size, device, seed=
                 noise = torch.randn(x0.shape[0], x0.shape[1], r, r, generator=generator, device=device, dtype=x0.dtype)
                 x_hat = denoise(ss.q_sample(x0, t, noise), t)
                 target = target_ss.target(x0, t)
-                if x_hat.shape[-1] == full != target.shape[-1]:  # a full-resolution prediction: resized as SSD's
+                if x_hat.shape[-1] != target.shape[-1] and x_hat.shape[-1] == full:  # DDPM's: resized as SSD's
                     x_hat = target_ss.degrade(x_hat, target_ss.target_level(t))
                 if x_hat.shape != target.shape:
                     raise ValueError(f"at step {t} this model predicts {x_hat.shape[-1]} px and the first model "
@@ -89,8 +89,7 @@ def main(argv=None):
     first = models[0][0]
     cfg = models[0][2]["config"]
     data = load_dataset(cfg["dataset"], cfg["res"], args.data_dir or cfg["data_dir"], cfg["cache_dir"])
-    index = torch.linspace(0, len(data) - 1, min(args.n, len(data))).round().long().numpy()
-    images = from_uint8_images(torch.from_numpy(data.images[index]))
+    images = from_uint8_images(torch.from_numpy(data.images[spread_indices(len(data), args.n)]))
     steps = chosen_steps(first.ss, args.every, args.after)
     errors = [step_errors(ssd.network_denoiser(net, method.ss, None, 1.0, method.parameterisation), method.ss, images,
                           steps, first.ss, args.batch_size, device) for method, net, _ in models]
@@ -99,10 +98,10 @@ def main(argv=None):
     rows = [[t, f"{first.ss.res(t)} px" + (" (resolution change)" if t in first.ss.transitions else ""),
              *(f"{e[t]:.5f}" for e in errors), *(f"{e[t] / errors[0][t]:.3f}" for e in errors[1:])] for t in steps]
     text = markdown_table(header, rows) + (f"\n\nMean squared error of x_0 in the first model's target space, "
-                                           f"{len(index):,} training images, one noise draw each.")
+                                           f"{len(images):,} training images, one noise draw each.")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "step_errors.json"), "w") as f:
-        json.dump(dict(ckpts=args.ckpts, n=len(index), steps=steps, transitions=first.ss.transitions,
+        json.dump(dict(ckpts=args.ckpts, n=len(images), steps=steps, transitions=first.ss.transitions,
                        errors=[{str(t): e[t] for t in steps} for e in errors]), f, indent=1)
     with open(os.path.join(args.out, "step_errors.md"), "w") as f:
         f.write(text + "\n")
