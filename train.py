@@ -81,9 +81,6 @@ SETTINGS = {
         ("warmup", None, "linear learning-rate warm-up steps (None: paper model 500, tiny 50; the paper: 0)"),
         ("grad_clip", None, "largest gradient norm, 0 = off (None: 1; the paper: 0)"),
         ("ema_decay", 0.9999, "EMA of the weights, warmed up as min(decay, (1 + n) / (10 + n))"),
-        ("path_balance", 0.0, "ssd: scale each path's gradients by (full-resolution path's gradient norm / its own) "
-                              "to this power, from running means (0: the paper's weights; 1: every path's batches "
-                              "alike; METHOD.md §3; not the paper's)"),
         ("max_steps", None, "optimiser steps (None: 1M at 64 px, 300K above for the paper model; tiny 500)"),
         ("time_budget", 0.0, "minutes of training (Clock: compilation, checkpoints, snapshots and sample grids "
                              "excluded), checked at each log line; "
@@ -194,9 +191,6 @@ def check_config(cfg):
     need(not cfg["upsample_transitions"] or cfg["method"] == "ssd" and cfg["levels"] > 1 and cfg["flexi"],
          "--upsample_transitions True routes the steps that increase the resolution, and this run has none "
          "(it needs --method ssd with --levels 2 or more and --flexi True)")
-    need(cfg["path_balance"] == 0 or cfg["path_balance"] > 0 and cfg["method"] == "ssd" and cfg["levels"] > 1,
-         f"--path_balance {cfg['path_balance']}: give a positive power for an ssd run with --levels 2 or more "
-         "(it weighs the resolution paths against each other), or 0")
     need(not cfg["preserve_snr"] or cfg["method"] == "ssd" and cfg["levels"] > 1,
          "--preserve_snr True scales the signal where the resolution changes, and this run has no such step "
          "(it needs --method ssd with --levels 2 or more)")
@@ -246,7 +240,6 @@ class Run:
     images_seen: int = 0
     train_seconds: float = 0.0  # training time so far, as Clock counts it
     block_fields: dict = field(default_factory=dict)  # the monitor's measurements for the next log line
-    path_norms: dict = field(default_factory=dict)    # --path_balance: each path's running mean gradient norm
 
     def __post_init__(self):
         self.params = list(self.model.parameters())
@@ -286,11 +279,8 @@ def train_step(run, cfg, x0, t, y=None):
         all_reduce_gradients(run.params, run.world)
     trained = [p for p in run.params if p.grad is not None]
     grad_norm = run.monitor.gradient_norm(path, trained)  # and each block's: where a spike starts
-    norm = grad_norm
-    if cfg["path_balance"]:
-        norm = balance_paths(run, path, [p.grad for p in trained], grad_norm, cfg["path_balance"])
     if cfg["grad_clip"] > 0:
-        torch.nn.utils.clip_grads_with_norm_(trained, cfg["grad_clip"], norm)
+        torch.nn.utils.clip_grads_with_norm_(trained, cfg["grad_clip"], grad_norm)
     for group in run.opt.param_groups:
         group["lr"] = cfg["lr"] * min(1.0, (run.step + 1) / cfg["warmup"]) if cfg["warmup"] else cfg["lr"]
     measure = (run.step + 1) % cfg["log_every"] == 0
@@ -325,31 +315,6 @@ def accumulate_gradients(run, cfg, x0, t, y):
             loss.backward()
         total += loss.detach()
     return total, path, example
-
-
-# --path_balance's running means average about the last 100 batches of each path.
-PATH_NORM_DECAY = 0.99
-
-
-@torch.no_grad()
-def balance_paths(run, path, grads, norm, power):
-    """--path_balance (METHOD.md §3): scale this batch's gradients by (n_full / n_path) ** power, where n are running
-    means of the gradient norms of each path's batches and n_full is the full-resolution path's; returns the
-    scaled norm (for clipping).
-
-    Under Min-SNR weights the noisy low-resolution paths have gradients tens to thousands of times smaller than the
-    full-resolution path's, and every batch runs one path: Adam's steps, sized by the gradients the full-resolution
-    batches leave, barely move the shared blocks on a coarse batch. Treated as tasks of one network, the paths get
-    gradients of one size. The scale uses the means before this batch (none until both paths have run), so it does
-    not depend on the batch's own gradient; the norm is that of the gradients averaged over the ranks, so every
-    rank keeps the same means and scales alike."""
-    means, full = run.path_norms, run.method.paths[0].name
-    scale = (means[full] / means[path]) ** power if path in means and full in means else None
-    means[path] = means[path].lerp(norm, 1 - PATH_NORM_DECAY) if path in means else norm.clone()
-    if scale is None:
-        return norm
-    torch._foreach_mul_(grads, scale)
-    return norm * scale
 
 
 def batch_loss(run, example):
@@ -402,7 +367,6 @@ def save(run, cfg):
     state = dict(format=1, spec=run.spec, model=run.model.state_dict(), ema=run.ema.state_dict(),
                  optimizer=run.opt.state_dict(), step=run.step, images_seen=run.images_seen,
                  train_seconds=run.train_seconds, config=dict(cfg),
-                 path_norms={name: float(mean) for name, mean in run.path_norms.items()},
                  rng=gather(rng_states(run.gens, run.device), run.world))  # each rank draws its own images
     if run.rank == 0:
         save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), state)
@@ -423,7 +387,6 @@ def restore(run, cfg, ckpt):
     run.ema.load_state_dict(ckpt["ema"])
     run.opt.load_state_dict(ckpt["optimizer"])
     run.step, run.images_seen, run.train_seconds = ckpt["step"], ckpt["images_seen"], ckpt["train_seconds"]
-    run.path_norms = {name: torch.tensor(mean, device=run.device) for name, mean in ckpt.get("path_norms", {}).items()}
     set_rng_states(run.gens, ckpt["rng"][run.rank], run.device)
 
 
