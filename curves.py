@@ -22,6 +22,10 @@ With --x0_uncertainty the sampler draws x_0 with the network's error (sample.py)
 from its sampling time; those scores are kept apart (ema_<m>min.x0_transitions.json) and make settings of their
 own (ssd4 +x0 transitions), so one snapshot is scored both ways by two calls.
 
+--versus ddpm adds a table of every other setting against that one, at each snapshot point both have on the same
+hardware: the difference of the mean FIDs and the ratio of training images per second (from each snapshot's images
+seen and training seconds): where a faster method is also better, and by how much.
+
 A snapshot's score, with its floor, is kept beside it (ema_<m>min.json, ema_<n>steps.json), so a second call
 scores only the new snapshots (or all of them, if --n, --steps or --max_ref changed): runs can be extended, or
 added, and the table redrawn. A kept score outlives the snapshot's weights: once they are deleted, the table is
@@ -172,18 +176,46 @@ def trained_on(row):
 
 def summary(rows):
     """Per setting, hardware and snapshot point: the number of seeds, the mean FID and its range, the mean images
-    seen."""
+    seen, and the mean training images per second (None where a snapshot did not record its training time)."""
     groups = {}
     for r in rows:
         groups.setdefault((setting_of(r), trained_on(r), point(r)), []).append(r)
     out = []
     for (setting, device, where), group in groups.items():
         fids = [r["fid"] for r in group]
+        timed = all(r.get("train_seconds") for r in group)
         out.append(dict(setting=setting, method=group[0]["method"], device=device, point=where,
                         minutes=group[0]["minutes"], seeds=len(group),
                         fid=statistics.mean(fids), fid_min=min(fids), fid_max=max(fids),
-                        images_seen=statistics.mean(r["images_seen"] for r in group)))
+                        images_seen=statistics.mean(r["images_seen"] for r in group),
+                        images_per_s=statistics.mean(r["images_seen"] / r["train_seconds"] for r in group)
+                        if timed else None))
     return out
+
+
+def versus(settings, reference):
+    """Each setting against the reference setting where both have a point on the same hardware: the difference of
+    their mean FIDs (negative: the setting is better) and the ratio of their training images per second."""
+    ours = {(r["device"], r["point"]): r for r in settings if r["setting"] == reference}
+    out = []
+    for r in settings:
+        ref = ours.get((r["device"], r["point"]))
+        if r["setting"] == reference or ref is None:
+            continue
+        speed = r["images_per_s"] / ref["images_per_s"] if r["images_per_s"] and ref["images_per_s"] else None
+        out.append(dict(setting=r["setting"], device=r["device"], point=r["point"], seeds=r["seeds"], fid=r["fid"],
+                        reference=reference, reference_seeds=ref["seeds"], reference_fid=ref["fid"],
+                        difference=r["fid"] - ref["fid"], speed=speed))
+    return out
+
+
+def versus_table(rows):
+    return markdown_table(
+        ["setting", "trained on", "snapshot", "seeds", "FID, mean", rows[0]["reference"] + ": seeds",
+         "FID, mean", "difference", "training img/s, ratio"],
+        [[r["setting"], r["device"], r["point"], r["seeds"], f"{r['fid']:.2f}", r["reference_seeds"],
+          f"{r['reference_fid']:.2f}", f"{r['difference']:+.2f}", "-" if r["speed"] is None else f"{r['speed']:.2f}x"]
+         for r in rows])
 
 
 def summary_table(settings):
@@ -259,9 +291,15 @@ def main(argv=None):
     add_scoring_arguments(p)
     p.add_argument("--x0_uncertainty", choices=ssd.X0_UNCERTAINTY, default="none",
                    help="draw x_0 with the network's error at the resolution changes or at every step (sample.py)")
+    p.add_argument("--versus", help="a setting (a run name without its _s<seed>, e.g. ddpm) to compare every other "
+                                    "with, point by point on the same hardware: FID difference and speed ratio")
     p.add_argument("--out", default=os.path.join("out", "curves"), help="folder for curves.md, .json and .png")
     args = p.parse_args(argv)
     check_scoring_arguments(p, args)
+    names = list(dict.fromkeys(setting_of(dict(run=os.path.basename(os.path.normpath(run)),
+                                               x0_uncertainty=args.x0_uncertainty)) for run in args.runs))
+    if args.versus is not None and args.versus not in names:
+        p.error(f"--versus {args.versus}: no such setting among these runs ({', '.join(names)})")
     device = pick_device(args.device)
     files = {run: snapshots(run) for run in args.runs}
     kept = {stem: kept_score(stem, args) for stems in files.values() for stem in stems}  # all checked before any work
@@ -279,11 +317,15 @@ def main(argv=None):
             rows.append(dict(row, run=os.path.basename(os.path.normpath(run))))
             print(f"{rows[-1]['run']} {point(row)} (step {row['step']:,}): FID {row['fid']:.2f}")
     settings, bottoms = summary(rows), floors(rows)
+    against = versus(settings, args.versus) if args.versus else []
     with open(os.path.join(args.out, "curves.json"), "w") as f:
-        json.dump(dict(runs=rows, settings=settings, floors=bottoms), f, indent=1)
+        json.dump(dict(runs=rows, settings=settings, floors=bottoms, versus=against), f, indent=1)
     text = "\n".join([summary_table(settings), ""] + [
         f"Floor: {f['n']:,} training images of {f['dataset']} at {f['res']} px score {f['fid']:.2f} against the same "
-        f"{f['n_ref']:,}-image statistics." for f in bottoms] + ["", "Every snapshot:", "", table(rows)])
+        f"{f['n_ref']:,}-image statistics." for f in bottoms] + (
+        ["", f"Against {args.versus}, at the same point on the same hardware (a negative difference: lower FID; the "
+             "ratio of training images per second, from the snapshots' images seen and training seconds):", "",
+         versus_table(against)] if against else []) + ["", "Every snapshot:", "", table(rows)])
     with open(os.path.join(args.out, "curves.md"), "w") as f:
         f.write(text + "\n")
     plot(settings, rows, os.path.join(args.out, "curves.png"))

@@ -160,6 +160,34 @@ def test_seeds_of_a_setting_are_summarised_by_their_mean_and_range():
     assert curves.setting_of(dict(run="ssd4_s1", x0_uncertainty="transitions")) == "ssd4 +x0 transitions"
 
 
+def test_versus_gives_each_settings_fid_difference_and_speed_ratio_at_the_references_points():
+    H100, H200 = "1 x NVIDIA H100 80GB HBM3", "1 x NVIDIA H200"
+    rows = [dict(run=run, method="ssd" if run.startswith("ssd") else "ddpm_x0", minutes=m, fid=fid, images_seen=seen,
+                 train_seconds=60 * m, device=device, step=seen // 128)
+            for run, m, fid, seen, device in (
+                ("ssd4_s0", 4, 40.0, 480000, H100), ("ssd4_s1", 4, 44.0, 528000, H100),  # 2,000 and 2,200 img/s
+                ("ssd4_s0", 8, 30.0, 960000, H100), ("ddpm_s0", 4, 31.0, 312000, H100),  # 1,300 img/s
+                ("ssd4_s2", 4, 20.0, 600000, H200))]  # no DDPM point on an H200: not compared
+    rows.append(dict(rows[3], run="msf_s0", method="msf", train_seconds=None))  # time not recorded
+    against = curves.versus(curves.summary(rows), "ddpm")
+    assert [(r["setting"], r["point"], r["device"]) for r in against] == [("ssd4", "4 min", H100), ("msf", "4 min", H100)]
+    ssd = against[0]
+    assert (ssd["seeds"], ssd["fid"], ssd["reference_fid"]) == (2, 42.0, 31.0)
+    assert ssd["difference"] == pytest.approx(11.0) and ssd["speed"] == pytest.approx(2100 / 1300)
+    assert against[1]["difference"] == 0 and against[1]["speed"] is None
+    table = curves.versus_table(against)
+    assert "| ssd4 | 1 x NVIDIA H100 80GB HBM3 | 4 min | 2 | 42.00 | 1 | 31.00 | +11.00 | 1.62x |" in table
+    assert "| msf | 1 x NVIDIA H100 80GB HBM3 | 4 min | 1 | 31.00 | 1 | 31.00 | +0.00 | - |" in table
+
+
+def test_versus_an_unknown_setting_is_named_before_any_scoring(tmp_path, capsys):
+    for run in ("ssd4_s0", "ddpm_s0"):
+        (tmp_path / run / "snapshots").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        curves.main([str(tmp_path / "ssd4_s0"), str(tmp_path / "ddpm_s0"), "--versus", "dpm"])
+    assert "--versus dpm: no such setting among these runs (ssd4, ddpm)" in capsys.readouterr().err
+
+
 def test_seeds_trained_on_different_hardware_are_summarised_apart(tmp_path, monkeypatch):
     """A minute of an H100 is not a minute of an H200: their snapshots never share a mean, and the plot names both."""
     rows = [dict(run=run, method="ssd", minutes=4, fid=fid, images_seen=seen, device=device, step=seen // 128)
