@@ -22,9 +22,10 @@ from torch.utils._pytree import tree_leaves
 
 from common import markdown_table
 
+ATTENTION = r"flash|fmha|attention|sdpa"
 # (kind, pattern of the CUDA kernel's name): the first match names the kind.
 KINDS = [
-    ("attention", r"flash|fmha|attention|sdpa"),
+    ("attention", ATTENTION),
     ("layout", r"nchwToNhwc|nhwcToNchw|transpose|permute"),
     ("conv and matmul", r"conv|xmma|cudnn|implicit_gemm|dgrad|wgrad|fprop|gemm|cutlass|nvjet|cublas"),
     ("optimiser and EMA", r"multi_tensor|foreach|adam|lerp"),
@@ -34,7 +35,21 @@ KINDS = [
 ]
 
 
+# The words of the aten operations that only move data (layout changes, and dtype casts: _to_copy). Inductor names a
+# kernel after the operations fused into it (triton_poi_fused__to_copy_clone_native_group_norm_permute_view_14): it
+# is a layout kernel only if nothing else is in its name (or nothing at all: triton_poi_fused_0), so a GroupNorm
+# that also permutes its output counts as the GroupNorm it mostly is.
+DATA_MOVEMENT = {"to", "copy", "clone", "transpose", "permute", "view", "unsafe", "unsqueeze", "squeeze", "expand",
+                 "reshape", "t", "select", "slice", "split", "cat"}
+
+
 def kernel_kind(name):
+    """A CUDA kernel's kind: an Inductor kernel's from the operations its name lists, any other's from KINDS."""
+    fused = re.fullmatch(r"triton_(poi|red|per)_fused_?(.*?)_?\d*", name)
+    if fused and not re.search(ATTENTION, name, re.IGNORECASE):
+        if set(filter(None, fused.group(2).split("_"))) <= DATA_MOVEMENT:
+            return "layout"
+        return "Inductor pointwise" if fused.group(1) == "poi" else "Inductor reductions"
     return next(kind for kind, pattern in KINDS if re.search(pattern, name, re.IGNORECASE))
 
 

@@ -17,6 +17,11 @@ import roofline
     ("triton_per_fused_native_group_norm_0", "Inductor reductions"),
     ("triton_poi_fused_add_mul_silu_7", "Inductor pointwise"),
     ("triton_poi_fused_clone_transpose_2", "layout"),
+    ("triton_poi_fused__to_copy_3", "layout"),  # a weight cast to bf16
+    ("triton_poi_fused_0", "layout"),  # no operation named: an input copied into another layout
+    ("triton_poi_fused__to_copy_clone_native_group_norm_permute_view_14", "Inductor pointwise"),
+    ("triton_red_fused__to_copy_native_group_norm_1", "Inductor reductions"),
+    ("triton_poi_fused__scaled_dot_product_cudnn_attention_clone_transpose_18", "attention"),
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimiser and EMA"),
     ("Memcpy DtoD (Device -> Device)", "other"),
 ])
