@@ -150,7 +150,8 @@ def score(path, args, device, extractor, references, network=None):
 def floor(data, args, extractor):
     """FID of n training images, spread over the dataset, against the same reference statistics: what n perfect
     samples would score. A floor for the table: no snapshot's n samples can be expected to score below it."""
-    return fid.fid_against_dataset(data.images[spread_indices(len(data), args.n)], data, extractor, args.cache_dir, max_ref=args.max_ref)[0]
+    images = data.images[spread_indices(len(data), args.n)]
+    return fid.fid_against_dataset(images, data, extractor, args.cache_dir, max_ref=args.max_ref)[0]
 
 
 def floors(rows):
@@ -160,6 +161,11 @@ def floors(rows):
         out.setdefault((*r["data"][:2], r["n"], r["n_ref"]), r["floor"])
     return [dict(dataset=dataset, res=res, n=n, n_ref=n_ref, fid=value)
             for (dataset, res, n, n_ref), value in out.items()]
+
+
+def run_name(run_dir):
+    """A run's name: its folder's (runs/ssd4_s1/ -> ssd4_s1)."""
+    return os.path.basename(os.path.normpath(run_dir))
 
 
 def setting_of(row):
@@ -296,8 +302,8 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join("out", "curves"), help="folder for curves.md, .json and .png")
     args = p.parse_args(argv)
     check_scoring_arguments(p, args)
-    names = list(dict.fromkeys(setting_of(dict(run=os.path.basename(os.path.normpath(run)),
-                                               x0_uncertainty=args.x0_uncertainty)) for run in args.runs))
+    names = list(dict.fromkeys(setting_of(dict(run=run_name(run), x0_uncertainty=args.x0_uncertainty))
+                               for run in args.runs))
     if args.versus is not None and args.versus not in names:
         p.error(f"--versus {args.versus}: no such setting among these runs ({', '.join(names)})")
     device = pick_device(args.device)
@@ -314,7 +320,7 @@ def main(argv=None):
                 row, network = score(stem + ".pt", args, device, extractor, references, network)
                 with open(score_path(stem, args), "w") as f:
                     json.dump(row, f, indent=1)
-            rows.append(dict(row, run=os.path.basename(os.path.normpath(run))))
+            rows.append(dict(row, run=run_name(run)))
             print(f"{rows[-1]['run']} {point(row)} (step {row['step']:,}): FID {row['fid']:.2f}")
     settings, bottoms = summary(rows), floors(rows)
     against = versus(settings, args.versus) if args.versus else []

@@ -170,7 +170,8 @@ def test_versus_gives_each_settings_fid_difference_and_speed_ratio_at_the_refere
                 ("ssd4_s2", 4, 20.0, 600000, H200))]  # no DDPM point on an H200: not compared
     rows.append(dict(rows[3], run="msf_s0", method="msf", train_seconds=None))  # time not recorded
     against = curves.versus(curves.summary(rows), "ddpm")
-    assert [(r["setting"], r["point"], r["device"]) for r in against] == [("ssd4", "4 min", H100), ("msf", "4 min", H100)]
+    assert [(r["setting"], r["point"], r["device"]) for r in against] == [("ssd4", "4 min", H100),
+                                                                         ("msf", "4 min", H100)]
     ssd = against[0]
     assert (ssd["seeds"], ssd["fid"], ssd["reference_fid"]) == (2, 42.0, 31.0)
     assert ssd["difference"] == pytest.approx(11.0) and ssd["speed"] == pytest.approx(2100 / 1300)
