@@ -62,7 +62,7 @@ class ScaleSpaceMethod:
         self.unet = unet_from_spec(spec["unet"])
         self.ss = ScaleSpace(**spec["scale_space"])
         self.parameterisation = spec["parameterisation"]
-        self.min_snr, self.level_weight = spec["min_snr"], spec.get("level_weight", 1.0)
+        self.min_snr = spec["min_snr"]
         self.transition_share = spec.get("transition_share")
         self.level_shares = spec.get("level_shares")  # relative, finest level first; None: by number of steps
         self.channels, self.num_classes = self.unet.in_channels, self.unet.num_classes
@@ -96,8 +96,7 @@ class ScaleSpaceMethod:
     def example(self, x0, t, noise, y=None, channels_last=False):
         """(x_t, t on the device, target, Min-SNR weight[, labels]); noise(shape) draws unit Gaussian noise."""
         x_t, target, weight = ssd.training_example(self.ss, x0, t, self.parameterisation, self.min_snr,
-                                                   noise((x0.shape[0], x0.shape[1], self.ss.res(t), self.ss.res(t))),
-                                                   self.level_weight)
+                                                   noise((x0.shape[0], x0.shape[1], self.ss.res(t), self.ss.res(t))))
         if channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         return (x_t, t.to(x0.device, non_blocking=True), target, weight) + (() if y is None else (y,))
@@ -142,17 +141,15 @@ class ScaleSpaceMethod:
         return len(self.paths)
 
 
-def ssd_spec(method, unet_config, scale_space, min_snr=5.0, transition_share=None, level_shares=None,
-             level_weight=1.0):
+def ssd_spec(method, unet_config, scale_space, min_snr=5.0, transition_share=None, level_shares=None):
     """The spec of ssd, ddpm_x0 or ddpm_eps: scale_space holds ScaleSpace's arguments; level_shares, if given, the
-    relative shares of batches of the levels' resolution-preserving paths, finest first (normalised here);
-    level_weight, the factor per level of the loss weight (METHOD.md §3)."""
+    relative shares of batches of the levels' resolution-preserving paths, finest first (normalised here)."""
     parameterisation = "eps" if method == "ddpm_eps" else "x0"
     if level_shares is not None:
         level_shares = [w / sum(level_shares) for w in level_shares]
     return dict(method=method, unet=unet_spec(unet_config), scale_space=dict(scale_space),
                 parameterisation=parameterisation, min_snr=min_snr, transition_share=transition_share,
-                level_shares=level_shares, level_weight=level_weight)
+                level_shares=level_shares)
 
 
 def completed(spec):
@@ -167,7 +164,7 @@ def completed(spec):
         defaults = {name: p.default for name, p in inspect.signature(ScaleSpace).parameters.items()
                     if p.default is not inspect.Parameter.empty}
         spec["scale_space"] = {**defaults, **spec["scale_space"]}
-        spec = {"transition_share": None, "level_shares": None, "level_weight": 1.0, **spec}
+        spec = {"transition_share": None, "level_shares": None, **spec}
     return spec
 
 

@@ -47,11 +47,10 @@ def inner_steps(ss):
     return [torch.arange(a + (k > 0), b) for k, (a, b) in enumerate(zip(bounds, bounds[1:]))]
 
 
-def training_example(ss, x0, t, parameterisation="x0", min_snr=5.0, noise=None, level_weight=1.0):
+def training_example(ss, x0, t, parameterisation="x0", min_snr=5.0, noise=None):
     """Network input, regression target and Min-SNR loss weight for clean images x0 at steps t (CPU tensor).
 
-    x0-prediction: target R_{1:t-1} x0 at r(t-1), weight min(SNR_t, gamma) (METHOD.md §3), times level_weight^k for
-    a step on level k (project option; 1 is the paper's).
+    x0-prediction: target R_{1:t-1} x0 at r(t-1), weight min(SNR_t, gamma) (METHOD.md §3).
     eps-prediction (the DDPM-eps baseline, one level only): target eps, weight min(SNR_t, gamma) / SNR_t, the same
     loss expressed in eps (Hang et al., Min-SNR). Computed in float32 outside autocast: the forward process is exact.
     """
@@ -60,7 +59,7 @@ def training_example(ss, x0, t, parameterisation="x0", min_snr=5.0, noise=None, 
     x_t = ss.q_sample(x0, t, noise)
     snr = ss.snr[t]
     if parameterisation == "x0":
-        target, weight = ss.target(x0, t), snr.clamp(max=min_snr) * level_weight ** ss.level_of(t)
+        target, weight = ss.target(x0, t), snr.clamp(max=min_snr)
     elif parameterisation == "eps":
         if ss.levels != 1:
             raise ValueError("eps-prediction is the one-level DDPM baseline; use x0-prediction with several levels")

@@ -59,8 +59,6 @@ SETTINGS = {
                                 "their SNR (METHOD.md §1; not the paper's)"),
         ("T", 1000, "diffusion steps"),
         ("min_snr", 5.0, "Min-SNR-gamma loss weight"),
-        ("level_weight", 1.0, "multiply the loss weight of the steps on level k by this to the power k (1: the "
-                              "paper's; METHOD.md §3)"),
         ("transition_share", None, "share of batches on resolution-changing steps (None: the paper's, (L-1)/T)"),
         ("level_shares", None, "relative shares of the other batches per level, finest first, e.g. 4,3,2,1 (None: "
                                "the paper's, each level's number of steps; METHOD.md §3)"),
@@ -185,8 +183,6 @@ def check_config(cfg):
          all(math.isfinite(w) and w > 0 for w in shares),
          f"--level_shares: give one positive share per level ({cfg['levels']}, finest first) of an ssd run")
     need(cfg["min_snr"] > 0 and cfg["gamma"] > 0, "--min_snr and --gamma must be positive")
-    need(cfg["level_weight"] == 1 or cfg["method"] == "ssd" and cfg["levels"] > 1 and 0 < cfg["level_weight"] < 1e3,
-         "--level_weight weighs the levels of an ssd run of 2 or more levels, by a positive factor below 1000")
     need(cfg["micro_batch"] is None or cfg["micro_batch"] >= 1, "--micro_batch: must be at least 1")
     for key in ("snapshot_minutes", "snapshot_steps"):
         need(all(m > 0 for m in cfg[key] or ()), f"--{key}: every entry must be positive")
@@ -217,7 +213,7 @@ def method_spec(cfg, channels, num_classes):
     make = paper_config if cfg["model"] == "paper" else tiny_config
     unet = make(cfg["res"], cfg["levels"], in_channels=channels, flexi=cfg["flexi"], **options)
     return methods.ssd_spec(cfg["method"], unet, scale_space, cfg["min_snr"], cfg["transition_share"],
-                            cfg["level_shares"], cfg["level_weight"])
+                            cfg["level_shares"])
 
 
 # -----------------------------------------------------------------------------
@@ -396,8 +392,8 @@ def restore(run, cfg, ckpt):
 
 # The settings the spec is made of: named when a resumed run differs in them.
 MODEL_SETTINGS = ("dataset", "res", "method", "levels", "schedule", "gamma", "transitions", "op", "noise",
-                  "preserve_snr", "T", "min_snr", "level_weight", "transition_share", "level_shares", "msf_factor",
-                  "model", "flexi", "dropout", "qk_norm", "attention_fp32", "upsample_transitions", "class_cond")
+                  "preserve_snr", "T", "min_snr", "transition_share", "level_shares", "msf_factor", "model", "flexi",
+                  "dropout", "qk_norm", "attention_fp32", "upsample_transitions", "class_cond")
 
 
 @torch.no_grad()

@@ -111,13 +111,3 @@ def test_a_sampling_chain_costs_the_sum_of_its_steps():
     msf_method = methods.from_spec(train.method_spec(train.parse_config(["--res", "16", "--method", "msf"]), 1, 0))
     model = msf_method.build_model()
     assert msf_method.sampling_gflops(model, 5) == pytest.approx(5 * model.gflops())
-
-
-def test_level_weight_reaches_the_loss_weights_of_a_training_run():
-    cfg = train.parse_config(["--res", "16", "--levels", "3", "--level_weight", "4"])
-    method = methods.from_spec(train.method_spec(cfg, channels=3, num_classes=0))
-    t = torch.tensor([999, 999])  # level 2
-    weight = method.example(torch.zeros(2, 3, 16, 16), t, torch.randn)[3]
-    assert torch.allclose(weight, method.ss.snr[t].clamp(max=5).float() * 16)
-    paper = methods.from_spec(train.method_spec(train.parse_config(["--res", "16", "--levels", "3"]), 3, 0))
-    assert paper.level_weight == 1.0 and paper.spec["level_weight"] == 1.0

@@ -224,21 +224,6 @@ def test_training_example_targets_and_weights():
         training_example(ss, x0, t, parameterisation="eps")
 
 
-def test_level_weight_multiplies_each_levels_loss_weight_and_one_is_the_papers():
-    ss = ScaleSpace(16, 3)
-    x0 = torch.rand(2, 3, 16, 16) * 2 - 1
-    a, b = ss.transitions
-    batches = [(0, [0, a - 1]), (1, [a + 1, 700]), (1, [a, a]), (2, [b + 1, 999])]  # (level, steps): a is its first
-    for k, steps in batches:
-        t = torch.tensor(steps)
-        noise = torch.randn(2, 3, ss.res(t), ss.res(t))
-        x_p, target_p, paper = training_example(ss, x0, t, noise=noise)
-        assert torch.equal(training_example(ss, x0, t, noise=noise, level_weight=1.0)[2], paper)
-        x_t, target, weight = training_example(ss, x0, t, noise=noise, level_weight=3.0)
-        assert torch.equal(x_t, x_p) and torch.equal(target, target_p)  # the process and the target stay
-        assert torch.allclose(weight, paper * 3.0 ** k, rtol=1e-6)
-
-
 # --- noise and the network wrapper -----------------------------------------------------------------------------------
 
 def test_seeded_noise_is_per_image_and_gaussian():

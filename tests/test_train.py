@@ -398,9 +398,6 @@ def test_parser_rejects_bad_values(argv, message, capsys):
     (["--upsample_transitions", "True", "--method", "ddpm_x0"], "--upsample_transitions True routes the steps that"),
     (["--upsample_transitions", "True", "--flexi", "False"], "and this run has none"),
     (["--preserve_snr", "True", "--method", "msf"], "--preserve_snr True scales the signal where the resolution"),
-    (["--level_weight", "4", "--method", "ddpm_x0", "--levels", "1"], "--level_weight weighs the levels of an ssd"),
-    (["--level_weight", "0"], "by a positive factor below 1000"),
-    (["--level_weight", "nan"], "by a positive factor below 1000"),
     (["--level_shares", "1,2,3"], r"--level_shares: give one positive share per level \(2, finest first\)"),
     (["--level_shares", "1,-1"], "--level_shares: give one positive share per level"),
     (["--level_shares", "1", "--method", "ddpm_x0", "--levels", "1"], "--level_shares: .* of an ssd run"),
@@ -470,7 +467,6 @@ def test_a_checkpoint_written_before_an_option_existed_resumes(tmp_path, cache_d
     ckpt = common.load_checkpoint(path)
     del ckpt["spec"]["unet"]["upsample_transitions"], ckpt["spec"]["scale_space"]["preserve_snr"]
     del ckpt["spec"]["level_shares"], ckpt["config"]["level_shares"]
-    del ckpt["spec"]["level_weight"], ckpt["config"]["level_weight"]
     del ckpt["config"]["upsample_transitions"], ckpt["config"]["preserve_snr"]
     common.save_checkpoint(path, ckpt)
     assert fit(tmp_path, cache_dir, "--max_steps", "2", "--sample_every", "0", "--resume", "True")["step"] == 2
