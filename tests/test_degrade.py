@@ -176,6 +176,20 @@ def test_posterior_matches_dense_bayes(op, t, s, preserve_snr):
     assert torch.allclose(noise_covariance(ss, t, s, ss.res(s)), cov, atol=1e-9)
 
 
+@pytest.mark.parametrize("t,s", [(555, 554), (555, 500), (760, 700)])
+@pytest.mark.parametrize("preserve_snr", [False, True])
+def test_posterior_matches_dense_bayes_with_transitions_set(t, s, preserve_snr):
+    """As above with --transitions 555,750,937: where the resolution changes is a setting; the maths is the same."""
+    ss = ScaleSpace(8, 4, preserve_snr=preserve_snr, transitions=[555, 750, 937])
+    assert ss.level_of(s) < ss.level_of(t)  # each pair crosses a resolution change
+    x0 = rand_images(1, 8, 1)
+    xt = rand_images(1, ss.res(t), 1)
+    x_hat = ss.degrade(x0, ss.level_of(s))
+    mean, cov = dense_posterior(ss, x0, xt, t, s)
+    assert torch.allclose(ss.posterior_mean(xt, x_hat, t, s).flatten(), mean, atol=1e-9)
+    assert torch.allclose(noise_covariance(ss, t, s, ss.res(s)), cov, atol=1e-9)
+
+
 def test_box_posterior_noise_closed_form():
     """METHOD.md §2: for box the covariance square root is (I - P) + sqrt(1 - rho c^2 / 4) P, P the block-mean projector."""
     ss = ScaleSpace(8, 2, op="box")
@@ -256,12 +270,12 @@ def test_preserve_snr_gains_are_about_two_per_halving(op):
     assert torch.equal(ScaleSpace(16, 4, op=op).gain, torch.ones(4, dtype=torch.float64))  # off: the paper's
 
 
-@pytest.mark.parametrize("op", ["bilinear", "box"])
-def test_preserve_snr_transition_covariances_stay_psd_and_the_lowest_frequency_keeps_its_snr(op):
+@pytest.mark.parametrize("op, transitions", [("bilinear", None), ("box", None), ("bilinear", [555, 750, 937])])
+def test_preserve_snr_transition_covariances_stay_psd_and_the_lowest_frequency_keeps_its_snr(op, transitions):
     """The chain behind the marginals exists: sigma_t^2 I - c^2 sigma_s^2 R R^T is PSD for every pair a sampler
     visits (consecutive and respaced), and at a resolution change the top singular direction of R loses SNR at the
-    rate of an in-level step, not 4x faster."""
-    ss = ScaleSpace(16, 4, op=op, preserve_snr=True)
+    rate of an in-level step, not 4x faster; with the paper's transitions and with --transitions set."""
+    ss = ScaleSpace(16, 4, op=op, preserve_snr=True, transitions=transitions)
     gains = gains_from_dense(ss)
     pairs = {(t, t - 1) for t in range(1, ss.T)}
     for steps in (250, 50, 12):
@@ -282,11 +296,11 @@ def test_preserve_snr_transition_covariances_stay_psd_and_the_lowest_frequency_k
         assert c * c * top == pytest.approx(float(ss.abar[t] / ss.abar[t - 1]), rel=1e-10)
 
 
-@pytest.mark.parametrize("t", [438, 750, 300])
-def test_preserve_snr_posterior_step_keeps_the_marginal(t):
+@pytest.mark.parametrize("t, transitions", [(438, None), (750, None), (300, None), (555, [555, 750, 937])])
+def test_preserve_snr_posterior_step_keeps_the_marginal(t, transitions):
     """Monte Carlo, as for the paper's process: x_t ~ q(x_t|x_0), one step with the exact x_hat, x_s ~ q(x_s|x_0),
     whose mean is g_s a_s R_{1:s} x_0 with the gains computed here."""
-    ss = ScaleSpace(8, 4, preserve_snr=True)
+    ss = ScaleSpace(8, 4, preserve_snr=True, transitions=transitions)
     gains = gains_from_dense(ss)
     s, n = t - 1, 50000
     gen = torch.Generator().manual_seed(t)
