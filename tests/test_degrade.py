@@ -161,6 +161,16 @@ def noise_covariance(ss, t, s, size):
     return L @ L.T
 
 
+def assert_posterior_matches_dense_bayes(ss, t, s):
+    """The posterior of 8x8 images from t to s: its mean and its noise's covariance against dense_posterior."""
+    x0 = rand_images(1, 8, 1)
+    xt = rand_images(1, ss.res(t), 1)
+    x_hat = ss.degrade(x0, ss.level_of(s))
+    mean, cov = dense_posterior(ss, x0, xt, t, s)
+    assert torch.allclose(ss.posterior_mean(xt, x_hat, t, s).flatten(), mean, atol=1e-9)
+    assert torch.allclose(noise_covariance(ss, t, s, ss.res(s)), cov, atol=1e-9)
+
+
 @pytest.mark.parametrize("op", ["bilinear", "box"])
 @pytest.mark.parametrize("t,s", [(400, 399), (438, 437), (438, 420), (760, 700), (937, 600)])
 @pytest.mark.parametrize("preserve_snr", [False, True])
@@ -168,12 +178,7 @@ def test_posterior_matches_dense_bayes(op, t, s, preserve_snr):
     """8x8 -> 4x4 (and deeper): mean through R^T and the non-isotropic covariance equal Bayes' rule, for the
     paper's process and with the gains of preserve_snr."""
     ss = ScaleSpace(8, 4, op=op, preserve_snr=preserve_snr)
-    x0 = rand_images(1, 8, 1)
-    xt = rand_images(1, ss.res(t), 1)
-    x_hat = ss.degrade(x0, ss.level_of(s))
-    mean, cov = dense_posterior(ss, x0, xt, t, s)
-    assert torch.allclose(ss.posterior_mean(xt, x_hat, t, s).flatten(), mean, atol=1e-9)
-    assert torch.allclose(noise_covariance(ss, t, s, ss.res(s)), cov, atol=1e-9)
+    assert_posterior_matches_dense_bayes(ss, t, s)
 
 
 @pytest.mark.parametrize("t,s", [(555, 554), (555, 500), (760, 700)])
@@ -182,12 +187,7 @@ def test_posterior_matches_dense_bayes_with_transitions_set(t, s, preserve_snr):
     """As above with --transitions 555,750,937: where the resolution changes is a setting; the maths is the same."""
     ss = ScaleSpace(8, 4, preserve_snr=preserve_snr, transitions=[555, 750, 937])
     assert ss.level_of(s) < ss.level_of(t)  # each pair crosses a resolution change
-    x0 = rand_images(1, 8, 1)
-    xt = rand_images(1, ss.res(t), 1)
-    x_hat = ss.degrade(x0, ss.level_of(s))
-    mean, cov = dense_posterior(ss, x0, xt, t, s)
-    assert torch.allclose(ss.posterior_mean(xt, x_hat, t, s).flatten(), mean, atol=1e-9)
-    assert torch.allclose(noise_covariance(ss, t, s, ss.res(s)), cov, atol=1e-9)
+    assert_posterior_matches_dense_bayes(ss, t, s)
 
 
 def test_box_posterior_noise_closed_form():
