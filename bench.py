@@ -12,9 +12,10 @@ full resolution, DDPM-x0) and "msf" (msf.py), each with optional suffixes that t
 -eager (no torch.compile), -nograph (no CUDA graphs, in training or sampling), -cl (channels-last), -paperattn
 (the paper's attention, no QK-norm), -fp32attn (the paper's attention in float32). Training time is measured per
 path and averaged with the share of batches each path gets (methods.py); compilation and warm-up are excluded,
-CUDA is synchronised, and each figure is the median of several repeats. Memory: "peak GB" is the most allocated at
-once; with CUDA graphs the recorded paths' activations live in the graphs' own pool, so "reserved GB" (all the
-process holds) is the figure that compares. Results go to OUT/bench_<res>px.json and .md, rewritten after each
+CUDA is synchronised, and each figure is the median of several repeats. The GPU's ceilings (a large bf16 matrix
+product, a large copy) are measured first; each sampling time comes with its floor, its FLOPs at that ceiling.
+Memory: "peak GB" is the most allocated at once; with CUDA graphs the recorded paths' activations live in the
+graphs' own pool, so "reserved GB" (all the process holds) is the figure that compares. Results go to OUT/bench_<res>px.json and .md, rewritten after each
 measurement, so a run cut short keeps what it finished.
 """
 import argparse
@@ -99,9 +100,10 @@ def eager_config(cfg):
 
 
 @torch.inference_mode()  # as sample.py draws
-def bench_sampling(run, cfg, args, peak):
+def bench_sampling(run, cfg, args, peak, ceiling):
     """Sampling time and MFU of args.sample_batch images from the EMA network (untrained weights: speed only),
-    compiled and replayed as CUDA graphs as the variant trains (sample.py's defaults)."""
+    compiled and replayed as CUDA graphs as the variant trains (sample.py's defaults), and its floor: the time the
+    chain's FLOPs alone would take at the measured matrix-product ceiling, the least that faster kernels could reach."""
     n = args.sample_batch
     seconds = sample.speed_up(run.method, run.ema, n, compile=cfg["compile"], graphs=cfg["cuda_graphs"])
     seeds = torch.arange(n, device=run.device)
@@ -110,8 +112,10 @@ def bench_sampling(run, cfg, args, peak):
     results = dict(compile_s=seconds or 0.0)
     for steps in args.sample_steps:
         seconds = roofline.cuda_seconds(lambda: draw(steps), args.sample_repeats, 1)
+        flops = 1e9 * run.method.sampling_gflops(run.ema, steps) * n
         results[f"{steps}_steps_s"] = seconds
-        results[f"{steps}_steps_mfu"] = 1e9 * run.method.sampling_gflops(run.ema, steps) * n / seconds / peak
+        results[f"{steps}_steps_mfu"] = flops / seconds / peak
+        results[f"{steps}_steps_floor_s"] = flops / (1e12 * ceiling[0])
         print(f"  sampling {n} images, {steps} steps: {seconds:.1f} s, "
               f"{100 * results[f'{steps}_steps_mfu']:.1f}% MFU", flush=True)
     if args.fused_noise and cfg["compile"]:  # the first chain again, its noise made by one kernel: before and after
@@ -182,6 +186,11 @@ def markdown(results, args):
         lines += ["", "Largest training batch per GPU on the most expensive path (a multiple of 8): " +
                   ", ".join(f"{name} {b}" for name, b in batches.items())]
     lines += [""] + [f"- {k}: {v:.2f}x" for k, v in results["ratios"].items()]
+    floors = [f"{name} {r['sample'][f'{s}_steps_floor_s']:.2f} s for {s} steps" for name, r in
+              results["variants"].items() for s in args.sample_steps if f"{s}_steps_floor_s" in r.get("sample", {})]
+    if floors:
+        lines += ["", f"Sampling floor, {args.sample_batch} images: the chain's FLOPs at the measured matrix-product "
+                      f"ceiling ({results['ceilings']['matmul_tflops']:.0f} TFLOP/s): " + ", ".join(floors)]
     for name, r in results["variants"].items():
         if "fused_noise_s" in r.get("sample", {}):
             lines += ["", f"{name}, sampling {args.sample_batch} images with {args.sample_steps[0]} steps, the noise "
@@ -248,9 +257,9 @@ def main():
     peak = next((v for k, v in train.PEAK_BF16_FLOPS.items() if k in name), float("nan"))
     results = dict(device=name, date=time.strftime("%Y-%m-%d"), command="python " + " ".join(sys.argv),
                    torch=torch.__version__, peak_flops=peak, variants={})
-    ceiling = roofline.ceilings(torch.device("cuda")) if args.roofline else None
-    if ceiling:
-        results["ceilings"] = dict(matmul_tflops=ceiling[0], copy_gbs=ceiling[1])
+    ceiling = roofline.ceilings(torch.device("cuda"))  # a few seconds, and every figure is read against them
+    results["ceilings"] = dict(matmul_tflops=ceiling[0], copy_gbs=ceiling[1])
+    print(f"ceilings: bf16 matrix product {ceiling[0]:.0f} TFLOP/s, copy {ceiling[1]:.0f} GB/s", flush=True)
     data = synthetic_data(args.res)
     for variant in args.variants.split(","):
         print(variant, flush=True)
@@ -259,10 +268,10 @@ def main():
             run = train.build_run(cfg, data, device=torch.device("cuda"))
             row = results["variants"][variant] = {}
             if args.train:
-                row["train"] = bench_training(run, cfg, data, args, peak, ceiling)
+                row["train"] = bench_training(run, cfg, data, args, peak, ceiling if args.roofline else None)
                 save(results, args)
             if args.sample:
-                row["sample"] = bench_sampling(run, cfg, args, peak)
+                row["sample"] = bench_sampling(run, cfg, args, peak, ceiling)
                 save(results, args)
             if args.max_batch:
                 row["max_batch"] = largest_batch(run, cfg, data)

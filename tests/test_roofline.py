@@ -91,7 +91,8 @@ def test_the_bench_tables_read_every_field_the_bench_writes():
                          [("at::native::elementwise_kernel", "other", 5.0)], (800.0, 4000.0))
     train_row = dict(paths=[path], compile_s=3.0, ms_per_step=80.0, images_per_s=1600.0, tflops=270.0, mfu=0.28,
                      peak_mem_gb=2.0, reserved_gb=9.0, roofline=[where])
-    sample_row = {"compile_s": 1.0, "100_steps_s": 10.0, "100_steps_mfu": 0.3, "fused_noise_s": 9.5,
+    sample_row = {"compile_s": 1.0, "100_steps_s": 10.0, "100_steps_mfu": 0.3, "100_steps_floor_s": 2.5,
+                  "fused_noise_s": 9.5,
                   "kernels_ms": {"attention": 900.0},
                   "wall_ms": 10_000.0, "heaviest": [["triton_red_fused_native_group_norm_0", "Inductor reductions",
                                                      420.0]]}
@@ -107,6 +108,7 @@ def test_the_bench_tables_read_every_field_the_bench_writes():
     assert "- 64->64: at::native::elementwise_kernel (other) 5.00" in table
     assert "(s): triton_red_fused_native_group_norm_0 (Inductor reductions) 0.42" in table
     assert "the noise made by one kernel (ssd.fused_box_muller): 9.50 s, against 10.00 s" in table
+    assert "ceiling (800 TFLOP/s): ssd 2.50 s for 100 steps" in table
 
 
 def test_the_bench_writes_what_it_has_measured_so_far(tmp_path):
