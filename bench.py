@@ -15,8 +15,8 @@ path and averaged with the share of batches each path gets (methods.py); compila
 CUDA is synchronised, and each figure is the median of several repeats. The GPU's ceilings (a large bf16 matrix
 product, a large copy) are measured first; each sampling time comes with its floor, its FLOPs at that ceiling.
 Memory: "peak GB" is the most allocated at once; with CUDA graphs the recorded paths' activations live in the
-graphs' own pool, so "reserved GB" (all the process holds) is the figure that compares. Results go to OUT/bench_<res>px.json and .md, rewritten after each
-measurement, so a run cut short keeps what it finished.
+graphs' own pool, so "reserved GB" (all the process holds) is the figure that compares. Results go to
+OUT/bench_<res>px.json and .md, rewritten after each measurement, so a run cut short keeps what it finished.
 """
 import argparse
 import json
