@@ -19,8 +19,9 @@ Every snapshot is scored the same way: images 0 .. n-1 from fixed per-image seed
 FID against the first max_ref training images (their statistics cached once per dataset and resolution). The
 floor is scored alongside: n training images against the same statistics, what n perfect samples would score.
 With --x0_uncertainty the sampler draws x_0 with the network's error (sample.py), measured for each snapshot apart
-from its sampling time; those scores are kept apart (ema_<m>min.x0_transitions.json) and make settings of their
-own (ssd4 +x0 transitions), so one snapshot is scored both ways by two calls.
+from its sampling time. Scores drawn with it or with --sampler ddim are kept apart (for example
+ema_<m>min.ddim.x0_transitions.json) and make settings of their own (ssd4 ddim +x0 transitions), so one snapshot
+is scored several ways by several calls.
 
 --versus ddpm adds a table of every other setting against that one, at each snapshot point both have on the same
 hardware: the difference of the mean FIDs and the ratio of training images per second (from each snapshot's images
@@ -56,11 +57,13 @@ from data import load_dataset, spread_indices, to_uint8_images  # noqa: E402
 
 def snapshots(run_dir):
     """The snapshots of a run folder: those taken at minutes of training (ema_<m>min), in order, then those taken at
-    steps (ema_<n>steps); each its weights (.pt), its kept scores (.json, .x0_<where>.json), or both. A score
-    outlives its weights, so a finished point stays on the curve after the weights are deleted (they are large)."""
+    steps (ema_<n>steps); each its weights (.pt), its kept scores (.json, .ddim.x0_<where>.json, ...), or both. A
+    score outlives its weights, so a finished point stays on the curve after the weights are deleted (they are
+    large)."""
     stems = set()
+    scores = [score_suffix(sampler, at) for sampler in ssd.SAMPLERS for at in ssd.X0_UNCERTAINTY]
     for kind in ("min", "steps"):
-        for suffix in (".pt", ".json", *(f".x0_{at}.json" for at in ssd.X0_UNCERTAINTY[1:])):
+        for suffix in (".pt", *scores):
             stems |= {f[:-len(suffix)] for f in glob.glob(os.path.join(run_dir, "snapshots", f"ema_*{kind}{suffix}"))}
     if not stems:
         raise FileNotFoundError(f"{run_dir} has no snapshots/ema_<minutes>min.pt or ema_<step>steps.pt: train it with "
@@ -77,9 +80,14 @@ def point(row):
     return f"{row['minutes']:g} min" if row["minutes"] is not None else f"step {row['step']:,}"
 
 
+def score_suffix(sampler, at):
+    """The end of a kept score's file name: the sampler and the x_0 uncertainty, each where it is not the default."""
+    return ("" if sampler == "ancestral" else f".{sampler}") + ("" if at == "none" else f".x0_{at}") + ".json"
+
+
 def score_path(stem, args):
-    """Where a snapshot's score is kept: beside it, with the x_0 uncertainty in the name when it is used."""
-    return stem + ("" if args.x0_uncertainty == "none" else f".x0_{args.x0_uncertainty}") + ".json"
+    """Where a snapshot's score is kept: beside it, named by the sampler and the x_0 uncertainty it was drawn with."""
+    return stem + score_suffix(args.sampler, args.x0_uncertainty)
 
 
 def kept_score(stem, args):
@@ -135,7 +143,8 @@ def score(path, args, device, extractor, references, network=None):
     measuring = time.time() - start
     start = time.time()
     images = [to_uint8_images(x) for _, x in sample.generate_batches(method, net, 0, args.n, steps=args.steps,
-                                                                     batch_size=batch_size, x0_error=x0_error)]
+                                                                     sampler=args.sampler, batch_size=batch_size,
+                                                                     x0_error=x0_error)]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     sampling = time.time() - start
@@ -143,7 +152,7 @@ def score(path, args, device, extractor, references, network=None):
     return dict(snapshot=path, method=ckpt["spec"]["method"], minutes=ckpt["minutes"],
                 train_seconds=ckpt["train_seconds"], step=ckpt["step"], images_seen=ckpt["images_seen"], fid=value,
                 n=n, n_ref=n_ref, max_ref=args.max_ref, steps=args.steps, sampling_seconds=sampling, data=list(key),
-                x0_uncertainty=args.x0_uncertainty, x0_error_seconds=measuring,
+                sampler=args.sampler, x0_uncertainty=args.x0_uncertainty, x0_error_seconds=measuring,
                 floor=floor_fid, device=ckpt.get("device")), (method, net)
 
 
@@ -169,10 +178,12 @@ def run_name(run_dir):
 
 
 def setting_of(row):
-    """A row's setting: its run folder's name without the seed suffix (ssd4_s1 -> ssd4), and the x_0 uncertainty
-    it was sampled with, if any."""
-    at = row.get("x0_uncertainty", "none")  # scores kept before the option existed drew without it
-    return re.sub(r"_s\d+$", "", row["run"]) + ("" if at == "none" else f" +x0 {at}")
+    """A row's setting: its run folder's name without the seed suffix (ssd4_s1 -> ssd4), and the sampler and the
+    x_0 uncertainty it was sampled with, where they are not the defaults."""
+    sampler = row.get("sampler", "ancestral")  # scores kept before the options existed used the defaults
+    at = row.get("x0_uncertainty", "none")
+    return (re.sub(r"_s\d+$", "", row["run"]) + ("" if sampler == "ancestral" else f" {sampler}")
+            + ("" if at == "none" else f" +x0 {at}"))
 
 
 def trained_on(row):
@@ -274,7 +285,7 @@ def plot(settings, rows, path):
 def add_scoring_arguments(p):
     """The settings of an FID score, shared with swap.py: what is drawn, against what, and on which device."""
     p.add_argument("--n", type=int, default=2000, help="samples per score")
-    p.add_argument("--steps", type=int, default=100, help="respaced ancestral sampling steps")
+    p.add_argument("--steps", type=int, default=100, help="respaced sampling steps")
     p.add_argument("--batch_size", type=int, default=250)
     p.add_argument("--data_dir", help="the training data (default: the checkpoint's own)")
     p.add_argument("--max_ref", type=int, help="use the first N training images as the reference")
@@ -295,6 +306,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders of train.py --snapshot_minutes or --snapshot_steps")
     add_scoring_arguments(p)
+    p.add_argument("--sampler", choices=ssd.SAMPLERS, default="ancestral", help="as sample.py's")
     p.add_argument("--x0_uncertainty", choices=ssd.X0_UNCERTAINTY, default="none",
                    help="draw x_0 with the network's error at the resolution changes or at every step (sample.py)")
     p.add_argument("--versus", help="a setting (a run name without its _s<seed>, e.g. ddpm) to compare every other "
@@ -302,7 +314,8 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join("out", "curves"), help="folder for curves.md, .json and .png")
     args = p.parse_args(argv)
     check_scoring_arguments(p, args)
-    names = list(dict.fromkeys(setting_of(dict(run=run_name(run), x0_uncertainty=args.x0_uncertainty))
+    names = list(dict.fromkeys(setting_of(dict(run=run_name(run), sampler=args.sampler,
+                                               x0_uncertainty=args.x0_uncertainty))
                                for run in args.runs))
     if args.versus is not None and args.versus not in names:
         p.error(f"--versus {args.versus}: no such setting among these runs ({', '.join(names)})")

@@ -30,7 +30,7 @@ import methods
 import official
 from common import check_checkpoint, parse_bool, pick_device, read_checkpoint, run_script, setup_distributed
 from data import from_uint8_images, load_dataset, save_grid, spread_indices, to_uint8_images
-from ssd import X0_UNCERTAINTY, sampling_steps, seeded_noise
+from ssd import SAMPLERS, X0_UNCERTAINTY, sampling_steps, seeded_noise
 
 # -----------------------------------------------------------------------------
 # the model
@@ -204,10 +204,10 @@ def parse_args(argv=None):
                    help="images (default: 36 for a grid, 4 for --progression; --outdir: 50000 on a GPU, 1000 on CPU)")
     p.add_argument("--batch_size", type=int, default=128, help="images per forward pass on one device")
     p.add_argument("--seed", type=int, default=0, help="image k uses noise seed seed + k")
-    p.add_argument("--sampler", choices=("ancestral", "ddim"), default="ancestral")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ancestral")
     p.add_argument("--steps", type=int, default=100, help="respaced sampling steps (the paper samples with all 1000)")
     p.add_argument("--x0_uncertainty", choices=X0_UNCERTAINTY, default="none",
-                   help="ancestral steps that draw x_0 around the prediction with the network's error, measured on "
+                   help="steps that draw x_0 around the prediction with the network's error, measured on "
                         f"{X0_ERROR_IMAGES:,} training images (METHOD.md §4): the resolution changes, or every step")
     p.add_argument("--label", help="class-conditional models: a class or a comma list, cycled over the images "
                                    "(default: every class in turn)")
@@ -239,8 +239,6 @@ def check_args(parser, args):
     """Refuse what cannot work before any checkpoint is read or image drawn, naming the flag."""
     if args.fid and not args.outdir:
         parser.error("--fid scores the files that --outdir writes: add --outdir DIR")
-    if args.x0_uncertainty != "none" and args.sampler != "ancestral":
-        parser.error("--x0_uncertainty completes the ancestral sampler's steps: use --sampler ancestral")
     if args.metrics and not args.outdir:
         parser.error("--metrics records the speed (and with --fid the FID) of an --outdir run: add --outdir DIR")
     for flag, value, low in (("--n", args.n, 1), ("--batch_size", args.batch_size, 1), ("--steps", args.steps, 1),

@@ -5,20 +5,23 @@ Fit a Gaussian to the images (their luminance at --res). Its ideal denoiser E[x_
 form and linear, so every sampling step is affine in the state and the fresh noise, and the law of the sampler's
 output is Gaussian with a mean and covariance computed exactly, by running the real step code on basis vectors.
 What separates that law from the data's is the sampler's own error, which training cannot remove: the plug-in of
-x_hat into the posterior as if x_0 were known, and the respacing. The table gives, for each number of levels and
-sampling steps, without the uncertainty of x_0 (ssd.draw_x0), with it drawn from the exact error covariance at
-the transitions or at every step, and with it drawn from the errors of 1,000 draws at the transitions (as sample.py
-measures them): the Frechet distance between the two Gaussians (in pixels, so not comparable with an FID) and the
-share of the data's variance the samples keep. --preserve_snr True measures the process that scales the signal at
+x_hat into the posterior as if x_0 were known, and the respacing. The table gives, for each number of levels,
+sampling steps and sampler (the ancestral one, or with --samplers ancestral,ddim also the DDIM-style one), without
+the uncertainty of x_0 (ssd.draw_x0), with it drawn from the exact error covariance at the transitions or at every
+step, and with it drawn from the errors of 1,000 draws at the transitions (as sample.py measures them): the
+Frechet distance between the two Gaussians (in pixels, so not comparable with an FID) and the share of the data's
+variance the samples keep. --preserve_snr True measures the process that scales the signal at
 each resolution change (METHOD.md §1), where a transition takes little from x_hat.
 
     python sampler_bias.py                                             # Fashion-MNIST (bundled), 16 px
     python sampler_bias.py --dataset celeba --data_dir PATH --res 16   # CelebA's luminance at 16 px
     python sampler_bias.py --dataset celeba --data_dir PATH --res 16 --preserve_snr True
+    python sampler_bias.py --dataset celeba --data_dir PATH --res 16 --samplers ancestral,ddim
 
 The same functions drive the samplers' tests on small Gaussian data (tests/test_ssd.py).
 """
 import argparse
+import itertools
 import os
 
 import numpy as np
@@ -135,10 +138,11 @@ def luminance_covariance(images):
     return image_covariance(images)
 
 
-def bias_table(cov, res, levels, steps, gamma=0.5, preserve_snr=False, images=X0_ERROR_IMAGES):
-    """One row per (levels, steps, x_0 uncertainty): the Frechet distance to the data's Gaussian and the variance
-    kept. The uncertainty is drawn with the exact error covariance at the transitions or at every step, and with
-    the errors measured on `images` draws at the transitions, as sample.py measures them. The mean is zero
+def bias_table(cov, res, levels, steps, gamma=0.5, preserve_snr=False, images=X0_ERROR_IMAGES,
+               samplers=("ancestral",)):
+    """One row per (levels, steps, sampler, x_0 uncertainty): the Frechet distance to the data's Gaussian and the
+    variance kept. The uncertainty is drawn with the exact error covariance at the transitions or at every step,
+    and with the errors measured on `images` draws at the transitions, as sample.py measures them. The mean is zero
     throughout (the covariance alone decides the steps' error)."""
     zero = torch.zeros(len(cov), dtype=torch.float64)
     settings = {"none": lambda ss, k: None,
@@ -149,12 +153,11 @@ def bias_table(cov, res, levels, steps, gamma=0.5, preserve_snr=False, images=X0
     for n_levels in levels:
         ss = ScaleSpace(res, n_levels, gamma=gamma, preserve_snr=preserve_snr)
         denoise = ideal_denoiser(ss, zero, cov)
-        for n_steps in steps:
-            for at, errors_of in settings.items():
-                out_mean, out_cov = exact_output_moments(ss, denoise, steps=n_steps, x0_error=errors_of(ss, n_steps))
-                rows.append(dict(levels=n_levels, transitions=ss.transitions, steps=n_steps, x0_uncertainty=at,
-                                 frechet=frechet_distance(zero, cov, out_mean, out_cov),
-                                 variance_kept=float(out_cov.trace() / cov.trace())))
+        for n_steps, sampler, (at, errors_of) in itertools.product(steps, samplers, settings.items()):
+            out_mean, out_cov = exact_output_moments(ss, denoise, sampler, n_steps, errors_of(ss, n_steps))
+            rows.append(dict(levels=n_levels, transitions=ss.transitions, steps=n_steps, sampler=sampler,
+                             x0_uncertainty=at, frechet=frechet_distance(zero, cov, out_mean, out_cov),
+                             variance_kept=float(out_cov.trace() / cov.trace())))
     return rows
 
 
@@ -162,14 +165,22 @@ def markdown(rows, name, res, preserve_snr=False):
     process = ", the signal scaled at each resolution change (preserve_snr)" if preserve_snr else ""
     title = f"Samplers with the ideal denoiser of a Gaussian fitted to {name}'s luminance at {res} px{process}:"
     table = markdown_table(
-        ["levels", "transitions", "steps", "x_0 uncertainty", "Frechet distance", "variance kept"],
-        [[r["levels"], ", ".join(map(str, r["transitions"])) or "-", r["steps"], r["x0_uncertainty"],
+        ["levels", "transitions", "steps", "sampler", "x_0 uncertainty", "Frechet distance", "variance kept"],
+        [[r["levels"], ", ".join(map(str, r["transitions"])) or "-", r["steps"], r["sampler"], r["x0_uncertainty"],
           f"{r['frechet']:.4f}", f"{r['variance_kept']:.3f}"] for r in rows])
     return f"{title}\n\n{table}"
 
 
 def comma_ints(text):
     return [int(v) for v in text.split(",")]
+
+
+def comma_samplers(text):
+    samplers = text.split(",")
+    unknown = set(samplers) - set(ssd.SAMPLERS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown sampler {min(unknown)!r}: choose {' or '.join(ssd.SAMPLERS)}")
+    return samplers
 
 
 def main(argv=None):
@@ -180,6 +191,7 @@ def main(argv=None):
     p.add_argument("--res", type=int, default=16, help="resolution of the Gaussian fit (32 px takes minutes)")
     p.add_argument("--levels", type=comma_ints, default=[1, 2, 3, 4], help="comma list of level counts")
     p.add_argument("--steps", type=comma_ints, default=[100, 1000], help="comma list of sampling steps")
+    p.add_argument("--samplers", type=comma_samplers, default=["ancestral"], help="comma list: ancestral, ddim")
     p.add_argument("--gamma", type=float, default=0.5, help="ConvexDecay gamma of the level schedule")
     p.add_argument("--preserve_snr", type=parse_bool, default=False,
                    help="scale the signal at each resolution change (METHOD.md §1)")
@@ -189,7 +201,7 @@ def main(argv=None):
         p.error(f"--levels {args.levels}: {args.res} px has levels 1 to {args.res.bit_length() - 1}")
     data = load_dataset(args.dataset, args.res, data_dir=args.data_dir, cache_dir=args.cache_dir)
     cov = luminance_covariance(data.images)
-    rows = bias_table(cov, args.res, args.levels, args.steps, args.gamma, args.preserve_snr)
+    rows = bias_table(cov, args.res, args.levels, args.steps, args.gamma, args.preserve_snr, samplers=args.samplers)
     text = markdown(rows, args.dataset, args.res, args.preserve_snr)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sampler_bias.md"), "w") as f:

@@ -195,6 +195,9 @@ def ddim_step(ss, x_t, x0_hat, t, s, xi):
     return mu_s + float(ss.sigma[s]) * eps_s
 
 
+SAMPLERS = ("ancestral", "ddim")  # the exact posterior steps (the paper's), or the DDIM-style ones
+
+
 def sample(denoise, ss, n, channels, steps=None, method="ancestral", noise=None, record=(), x0_error=None):
     """Draw n images at full resolution.
 
@@ -202,15 +205,12 @@ def sample(denoise, ss, n, channels, steps=None, method="ancestral", noise=None,
     noise(key, shape) gives unit Gaussian noise (keys: T for the start, t for the step leaving t, T + 1 + t for the
     x_0 uncertainty at t); default torch.randn.
     record: steps at which to keep (t, x_t, x_hat) on the CPU, for progression figures.
-    x0_error: {t: errors} from measure_x0_error (ancestral only): at those steps the posterior step takes x_0 drawn
+    x0_error: {t: errors} from measure_x0_error: at those steps the step (ancestral or DDIM-style) takes x_0 drawn
     around x_hat with the denoiser's measured errors instead of x_hat itself (METHOD.md §4).
     Returns the images, or (images, progression) when record is given.
     """
     noise = noise or generator_noise()
     x0_error = x0_error or {}
-    if x0_error and method != "ancestral":
-        raise ValueError("the x_0 uncertainty completes the ancestral sampler's posterior steps; sample with "
-                         "'ancestral', or leave the uncertainty out")
     kept = sampling_steps(ss, steps)
     top = ss.res(ss.T - 1)
     x = noise(ss.T, (n, channels, top, top))  # x_{T-1} ~ N(0, I) at the lowest resolution
@@ -268,7 +268,8 @@ def draw_x0(x0_hat, errors, z):
     M E M^T, where M = d(mean)/d(x_0) and E is the covariance of the error x_0 - x_hat (Bao et al., Analytic-DPM,
     ICLR 2022). Since the posterior mean is linear in x_0, the step from x_0 ~ N(x_hat, E) has exactly that
     covariance. A short step barely needs it (M is small); a resolution change, where the state gains about four
-    times the signal-to-noise ratio of its low frequencies and all its new detail at once, does.
+    times the signal-to-noise ratio of its low frequencies and all its new detail at once, does. The DDIM-style step
+    keeps q(x_s | x_0) too, so with x_0 drawn from p(x_0 | x_t) it also lands on q(x_s) exactly.
     """
     combination = z.to(errors.dtype) @ errors.flatten(1) / math.sqrt(len(errors))
     return x0_hat + combination.view_as(x0_hat).to(x0_hat.dtype)

@@ -114,6 +114,11 @@ def test_curves_score_every_snapshot_once_and_draw_the_table(tmp_path, cache_dir
     assert all(os.path.exists(r["snapshot"][:-len(".pt")] + ".x0_transitions.json") for r in drawn)  # kept apart
     assert all(r["x0_uncertainty"] == "transitions" and r["x0_error_seconds"] >= 0 for r in drawn)
     assert "| ssd +x0 transitions | ssd |" in (tmp_path / "x0" / "curves.md").read_text()
+    curves.main([*argv, "--sampler", "ddim", "--x0_uncertainty", "transitions", "--out", str(tmp_path / "ddim")])
+    ddim = json.loads((tmp_path / "ddim" / "curves.json").read_text())["runs"]
+    assert all(os.path.exists(r["snapshot"][:-len(".pt")] + ".ddim.x0_transitions.json") for r in ddim)
+    assert all(r["sampler"] == "ddim" for r in ddim)
+    assert "| ssd ddim +x0 transitions | ssd |" in (tmp_path / "ddim" / "curves.md").read_text()
 
     first, second = (str(tmp_path / "ddpm" / "snapshots" / f"ema_{k}steps.pt") for k in (1, 2))
     args = types.SimpleNamespace(batch_size=4, n=6, compile=None, cuda_graphs=None)
@@ -140,10 +145,11 @@ def test_curves_score_every_snapshot_once_and_draw_the_table(tmp_path, cache_dir
         curves.main([*argv, "--steps", "8"])  # other sampling steps cannot rescore it
     with pytest.raises(FileNotFoundError, match="are gone and no score was kept at .*x0_all.json"):
         curves.main([*argv, "--x0_uncertainty", "all"])
-    for plain in (tmp_path / "ssd" / "snapshots").glob("ema_*min.json"):
-        plain.unlink()  # a point scored only with the uncertainty is still found, from that score alone
-    curves.main([*argv, "--x0_uncertainty", "transitions", "--out", str(tmp_path / "x0")])
-    assert json.loads((tmp_path / "x0" / "curves.json").read_text())["runs"] == drawn
+    for plain in (tmp_path / "ssd" / "snapshots").glob("ema_*min*.json"):
+        if ".ddim." not in plain.name:
+            plain.unlink()  # a point scored only with DDIM and the uncertainty is still found, from that score alone
+    curves.main([*argv, "--sampler", "ddim", "--x0_uncertainty", "transitions", "--out", str(tmp_path / "ddim")])
+    assert json.loads((tmp_path / "ddim" / "curves.json").read_text())["runs"] == ddim
 
 
 def test_seeds_of_a_setting_are_summarised_by_their_mean_and_range():
@@ -158,6 +164,7 @@ def test_seeds_of_a_setting_are_summarised_by_their_mean_and_range():
     assert "| ssd4 | ssd | not recorded | 1 min | 2 | 105 | 62.00 | 60.00 - 64.00 |" in curves.summary_table(settings)
     assert curves.setting_of(dict(run="my_run")) == "my_run" and curves.setting_of(dict(run="lr_s2_s10")) == "lr_s2"
     assert curves.setting_of(dict(run="ssd4_s1", x0_uncertainty="transitions")) == "ssd4 +x0 transitions"
+    assert curves.setting_of(dict(run="ssd4_s1", sampler="ddim", x0_uncertainty="none")) == "ssd4 ddim"
 
 
 def test_versus_gives_each_settings_fid_difference_and_speed_ratio_at_the_references_points():

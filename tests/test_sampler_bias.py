@@ -9,7 +9,7 @@ def test_the_table_shows_the_uncertainty_of_x0_closing_the_gap(tmp_path, capsys)
                        "--out", str(tmp_path)])
     text = (tmp_path / "sampler_bias.md").read_text()
     assert capsys.readouterr().out.strip().endswith(text.strip())
-    rows = {(int(cells[0]), cells[3]): float(cells[4])
+    rows = {(int(cells[0]), cells[4]): float(cells[5])
             for cells in (line.strip("|").split(" | ") for line in text.splitlines()[4:])}
     settings = ("none", "transitions", "all", "transitions, 1,000 images")
     assert set(rows) == {(levels, at) for levels in (1, 3) for at in settings}
@@ -27,13 +27,28 @@ def test_scaling_the_signal_at_the_transitions_brings_the_plain_sampler_to_ddpms
         sampler_bias.main(args + ["--levels", levels, "--preserve_snr", scaled])
         text = (tmp_path / "sampler_bias.md").read_text()
         assert ("preserve_snr" in text.splitlines()[0]) == (scaled == "True")
-        rows[levels, scaled] = next(float(line.split(" | ")[4]) for line in text.splitlines()[4:]
-                                    if line.split(" | ")[3] == "none")
+        rows[levels, scaled] = next(float(line.split(" | ")[5]) for line in text.splitlines()[4:]
+                                    if line.split(" | ")[4] == "none")
     ddpm = rows["1", "False"]
     assert rows["3", "True"] - ddpm < 0.1 * (rows["3", "False"] - ddpm)  # 0.0004 against 0.0072
+
+
+def test_ddim_with_the_uncertainty_at_the_transitions_comes_down_to_ddpms_ddim(tmp_path):
+    sampler_bias.main(["--res", "8", "--levels", "1,3", "--steps", "100", "--samplers", "ancestral,ddim",
+                       "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path)])
+    text = (tmp_path / "sampler_bias.md").read_text()
+    rows = {(int(cells[0]), cells[3], cells[4]): float(cells[5])
+            for cells in (line.strip("|").split(" | ") for line in text.splitlines()[4:])}
+    assert len(rows) == 2 * 2 * 4
+    assert rows[1, "ddim", "none"] < rows[1, "ancestral", "none"]
+    assert rows[3, "ddim", "transitions"] < rows[3, "ddim", "none"]
+    assert rows[3, "ddim", "transitions"] < 1.2 * rows[1, "ddim", "none"]
 
 
 def test_levels_the_resolution_cannot_hold_are_refused(capsys):
     with pytest.raises(SystemExit):
         sampler_bias.main(["--res", "8", "--levels", "5"])
     assert "8 px has levels 1 to 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sampler_bias.main(["--res", "8", "--samplers", "ancestral,euler"])
+    assert "unknown sampler 'euler': choose ancestral or ddim" in capsys.readouterr().err
