@@ -10,8 +10,8 @@ sampling steps and sampler (the ancestral one, or with --samplers ancestral,ddim
 the uncertainty of x_0 (ssd.draw_x0), with it drawn from the exact error covariance at the transitions or at every
 step, and with it drawn from the errors of 1,000 draws at the transitions (as sample.py measures them): the
 Frechet distance between the two Gaussians (in pixels, so not comparable with an FID) and the share of the data's
-variance the samples keep. --preserve_snr True measures the process that scales the signal at
-each resolution change (METHOD.md §1), where a transition takes little from x_hat.
+variance the samples keep. --preserve_snr True measures the process that scales the signal at each resolution
+change (METHOD.md §1), where a transition takes little from x_hat.
 
     python sampler_bias.py                                             # Fashion-MNIST (bundled), 16 px
     python sampler_bias.py --dataset celeba --data_dir PATH --res 16   # CelebA's luminance at 16 px
