@@ -4,13 +4,20 @@ import pytest
 import sampler_bias
 
 
+def table_rows(path):
+    """The written table's rows, a dict of {column name: cell} each, the distance as a float."""
+    lines = path.read_text().splitlines()
+    header = lines[2].strip("|").strip().split(" | ")
+    rows = [dict(zip(header, line.strip("|").strip().split(" | "))) for line in lines[4:]]
+    return [dict(r, levels=int(r["levels"]), frechet=float(r["Frechet distance"])) for r in rows]
+
+
 def test_the_table_shows_the_uncertainty_of_x0_closing_the_gap(tmp_path, capsys):
     sampler_bias.main(["--res", "8", "--levels", "1,3", "--steps", "20", "--cache_dir", str(tmp_path / "cache"),
                        "--out", str(tmp_path)])
     text = (tmp_path / "sampler_bias.md").read_text()
     assert capsys.readouterr().out.strip().endswith(text.strip())
-    rows = {(int(cells[0]), cells[4]): float(cells[5])
-            for cells in (line.strip("|").split(" | ") for line in text.splitlines()[4:])}
+    rows = {(r["levels"], r["x_0 uncertainty"]): r["frechet"] for r in table_rows(tmp_path / "sampler_bias.md")}
     settings = ("none", "transitions", "all", "transitions, 1,000 images")
     assert set(rows) == {(levels, at) for levels in (1, 3) for at in settings}
     assert rows[1, "transitions"] == rows[1, "none"]  # one level has no resolution change
@@ -27,8 +34,8 @@ def test_scaling_the_signal_at_the_transitions_brings_the_plain_sampler_to_ddpms
         sampler_bias.main(args + ["--levels", levels, "--preserve_snr", scaled])
         text = (tmp_path / "sampler_bias.md").read_text()
         assert ("preserve_snr" in text.splitlines()[0]) == (scaled == "True")
-        rows[levels, scaled] = next(float(line.split(" | ")[5]) for line in text.splitlines()[4:]
-                                    if line.split(" | ")[4] == "none")
+        rows[levels, scaled] = next(r["frechet"] for r in table_rows(tmp_path / "sampler_bias.md")
+                                    if r["x_0 uncertainty"] == "none")
     ddpm = rows["1", "False"]
     assert rows["3", "True"] - ddpm < 0.1 * (rows["3", "False"] - ddpm)  # 0.0004 against 0.0072
 
@@ -36,9 +43,8 @@ def test_scaling_the_signal_at_the_transitions_brings_the_plain_sampler_to_ddpms
 def test_ddim_with_the_uncertainty_at_the_transitions_comes_down_to_ddpms_ddim(tmp_path):
     sampler_bias.main(["--res", "8", "--levels", "1,3", "--steps", "100", "--samplers", "ancestral,ddim",
                        "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path)])
-    text = (tmp_path / "sampler_bias.md").read_text()
-    rows = {(int(cells[0]), cells[3], cells[4]): float(cells[5])
-            for cells in (line.strip("|").split(" | ") for line in text.splitlines()[4:])}
+    rows = {(r["levels"], r["sampler"], r["x_0 uncertainty"]): r["frechet"]
+            for r in table_rows(tmp_path / "sampler_bias.md")}
     assert len(rows) == 2 * 2 * 4
     assert rows[1, "ddim", "none"] < rows[1, "ancestral", "none"]
     assert rows[3, "ddim", "transitions"] < rows[3, "ddim", "none"]
