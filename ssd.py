@@ -51,10 +51,9 @@ def training_example(ss, x0, t, parameterisation="x0", min_snr=5.0, noise=None):
     """Network input, regression target and Min-SNR loss weight for clean images x0 at steps t (CPU tensor).
 
     x0-prediction: target R_{1:t-1} x0 at r(t-1), weight min(SNR_t, gamma) (METHOD.md §3).
-    eps-prediction: on a step that keeps the resolution, target eps with weight min(SNR_t, gamma) / SNR_t, the same
-    loss expressed in eps (Hang et al., Min-SNR); a step that changes it has no eps at its output's resolution and
-    keeps the x0 target (project option for SSD; with one level, the DDPM-eps baseline). Computed in float32
-    outside autocast: the forward process is exact.
+    eps-prediction: on the full-resolution level's steps, target eps with weight min(SNR_t, gamma) / SNR_t, the
+    same loss expressed in eps (Hang et al., Min-SNR); every other step keeps the x0 target (project option for
+    SSD; with one level, the DDPM-eps baseline). Computed in float32 outside autocast: the forward process is exact.
     """
     if parameterisation not in PARAMETERISATIONS:
         raise ValueError(f"unknown parameterisation {parameterisation!r}: choose 'x0' or 'eps'")
@@ -74,8 +73,11 @@ PARAMETERISATIONS = ("x0", "eps")  # what the network predicts (METHOD.md §3)
 
 def predicts_eps(ss, t, parameterisation):
     """Whether the network predicts eps at step t (an int, or a batch's steps, which share one path): with
-    eps-prediction, wherever the step keeps the resolution; a step that changes it predicts x_0."""
-    return parameterisation == "eps" and ss.target_level(t) == ss.level_of(t)
+    eps-prediction, on the full-resolution level only. There the noise is low, and an eps-network passes x_t
+    through and corrects it. The coarser levels hold only noisy steps, where x_hat = (x_t - sigma_t eps) / a_t
+    multiplies the network's error by 1 / a_t; a resolution change has no eps at its output's size. Both predict
+    x_0 (METHOD.md §3)."""
+    return parameterisation == "eps" and ss.level_of(t) == 0
 
 
 def weighted_mse(pred, target, weight):

@@ -59,8 +59,8 @@ SETTINGS = {
                                 "their SNR (METHOD.md §1; not the paper's)"),
         ("T", 1000, "diffusion steps"),
         ("min_snr", 5.0, "Min-SNR-gamma loss weight"),
-        ("parameterisation", None, "what ssd's network predicts: x0 (None: the paper's) or eps, the noise wherever "
-                                   "the step keeps the resolution (METHOD.md §3; not the paper's)"),
+        ("parameterisation", None, "what ssd's network predicts: x0 (None: the paper's) or eps, the noise on the "
+                                   "full-resolution level (METHOD.md §3; not the paper's)"),
         ("transition_share", None, "share of batches on resolution-changing steps (None: the paper's, (L-1)/T)"),
         ("level_shares", None, "relative shares of the other batches per level, finest first, e.g. 4,3,2,1 (None: "
                                "the paper's, each level's number of steps; METHOD.md §3)"),

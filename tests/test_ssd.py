@@ -59,8 +59,8 @@ def test_respaced_sampler(gaussian, steps, bound):
 
 @pytest.mark.parametrize("method", ["ancestral", "ddim"])
 def test_an_ideal_eps_network_samples_as_the_ideal_denoiser(gaussian, method):
-    """eps-prediction end to end: a network that outputs the ideal denoiser's eps inside the levels and its x_0 at
-    the resolution changes, wrapped by network_denoiser, gives the ideal denoiser's output law."""
+    """eps-prediction end to end: a network that outputs the ideal denoiser's eps at full resolution and its x_0
+    elsewhere, wrapped by network_denoiser, gives the ideal denoiser's output law."""
     ss, mean, cov, denoise = gaussian
 
     def eps_net(x, steps, out_res, y):
@@ -258,13 +258,13 @@ def test_training_example_targets_and_weights():
 
 
 @pytest.mark.parametrize("preserve_snr", [False, True])
-def test_eps_prediction_keeps_the_resolution_changes_on_x0_and_the_loss_of_x0(preserve_snr):
-    """SSD with eps-prediction: a step inside a level targets its noise, a resolution change its x0 target; and
-    inside a level the Min-SNR loss of eps_hat = (x_t - a_t x_hat) / sigma_t equals the x0 loss of x_hat, so the
+def test_eps_prediction_keeps_the_coarse_levels_on_x0_and_the_loss_of_x0(preserve_snr):
+    """SSD with eps-prediction: a step of the full-resolution level targets its noise, every other step its x0
+    target; and the Min-SNR loss of eps_hat = (x_t - a_t x_hat) / sigma_t equals the x0 loss of x_hat, so the
     option changes what the network outputs, not what the loss asks of its clean prediction."""
     ss = ScaleSpace(16, 3, preserve_snr=preserve_snr)
     x0 = torch.rand(4, 3, 16, 16) * 2 - 1
-    for t in (0, 5, ss.transitions[0] + 3, ss.transitions[1] + 40, 999):
+    for t in (0, 5, ss.transitions[0] - 1):
         steps = torch.full((4,), t)
         noise = torch.randn(4, 3, ss.res(t), ss.res(t))
         x_t, eps_target, eps_weight = training_example(ss, x0, steps, "eps", noise=noise)
@@ -274,7 +274,7 @@ def test_eps_prediction_keeps_the_resolution_changes_on_x0_and_the_loss_of_x0(pr
         eps_hat = (x_t - float(ss.a[t]) * x_hat) / float(ss.sigma[t])
         assert torch.allclose(weighted_mse(eps_hat, eps_target, eps_weight),
                               weighted_mse(x_hat, x0_target, x0_weight), rtol=1e-4)
-    for t in ss.transitions:
+    for t in ss.transitions + [ss.transitions[0] + 3, ss.transitions[1] + 40, 999]:
         steps = torch.full((4,), t)
         _, target, weight = training_example(ss, x0, steps, "eps")
         assert not ssd.predicts_eps(ss, t, "eps") and torch.equal(target, ss.target(x0, steps))
@@ -332,7 +332,8 @@ def test_network_denoiser_routes_resolutions_and_parameterisations():
     x_t = torch.randn(1, 3, 16, 16)
     assert torch.allclose(eps(x_t, 500), (x_t - float(base.sigma[500])) / float(base.a[500]))
     ones = lambda x, t, r, y: torch.ones(x.shape[0], 3, r, r)  # noqa: E731
-    eps = network_denoiser(ones, ss, parameterisation="eps", clip=False)  # SSD: eps inside a level, x0 at a change
-    x_t = torch.randn(1, 3, 8, 8)
-    assert torch.allclose(eps(x_t, 700), (x_t - float(ss.sigma[700])) / float(ss.a[700]))
-    assert torch.equal(eps(x_t, ss.transitions[0]), torch.ones(1, 3, 16, 16))
+    eps = network_denoiser(ones, ss, parameterisation="eps", clip=False)  # SSD: eps at full resolution, x0 elsewhere
+    x_t = torch.randn(1, 3, 16, 16)
+    assert torch.allclose(eps(x_t, 300), (x_t - float(ss.sigma[300])) / float(ss.a[300]))
+    assert torch.equal(eps(torch.randn(1, 3, 8, 8), ss.transitions[0]), torch.ones(1, 3, 16, 16))
+    assert torch.equal(eps(torch.randn(1, 3, 8, 8), 700), torch.ones(1, 3, 8, 8))
