@@ -141,21 +141,10 @@ class ScaleSpaceMethod:
         return len(self.paths)
 
 
-def ssd_spec(method, unet_config, scale_space, min_snr=5.0, transition_share=None, level_shares=None,
-             parameterisation=None):
+def ssd_spec(method, unet_config, scale_space, min_snr=5.0, transition_share=None, level_shares=None):
     """The spec of ssd, ddpm_x0 or ddpm_eps: scale_space holds ScaleSpace's arguments; level_shares, if given, the
-    relative shares of batches of the levels' resolution-preserving paths, finest first (normalised here);
-    parameterisation: what ssd's network predicts (ssd.PARAMETERISATIONS; None: x0, the paper's). The DDPM
-    baselines' names fix theirs."""
-    if method in ("ddpm_x0", "ddpm_eps"):
-        fixed = method.removeprefix("ddpm_")
-        if parameterisation not in (None, fixed):
-            raise ValueError(f"--method {method} predicts {fixed}: leave --parameterisation out, or use the other "
-                             "ddpm method")
-        parameterisation = fixed
-    parameterisation = parameterisation or "x0"
-    if parameterisation not in ssd.PARAMETERISATIONS:
-        raise ValueError(f"--parameterisation {parameterisation!r}: choose one of {', '.join(ssd.PARAMETERISATIONS)}")
+    relative shares of batches of the levels' resolution-preserving paths, finest first (normalised here)."""
+    parameterisation = "eps" if method == "ddpm_eps" else "x0"
     if level_shares is not None:
         level_shares = [w / sum(level_shares) for w in level_shares]
     return dict(method=method, unet=unet_spec(unet_config), scale_space=dict(scale_space),

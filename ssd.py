@@ -51,33 +51,22 @@ def training_example(ss, x0, t, parameterisation="x0", min_snr=5.0, noise=None):
     """Network input, regression target and Min-SNR loss weight for clean images x0 at steps t (CPU tensor).
 
     x0-prediction: target R_{1:t-1} x0 at r(t-1), weight min(SNR_t, gamma) (METHOD.md §3).
-    eps-prediction: on the full-resolution level's steps, target eps with weight min(SNR_t, gamma) / SNR_t, the
-    same loss expressed in eps (Hang et al., Min-SNR); every other step keeps the x0 target (project option for
-    SSD; with one level, the DDPM-eps baseline). Computed in float32 outside autocast: the forward process is exact.
+    eps-prediction (the DDPM-eps baseline, one level only): target eps, weight min(SNR_t, gamma) / SNR_t, the same
+    loss expressed in eps (Hang et al., Min-SNR). Computed in float32 outside autocast: the forward process is exact.
     """
-    if parameterisation not in PARAMETERISATIONS:
-        raise ValueError(f"unknown parameterisation {parameterisation!r}: choose 'x0' or 'eps'")
     if noise is None:
         noise = torch.randn(x0.shape[0], x0.shape[1], ss.res(t), ss.res(t), device=x0.device, dtype=x0.dtype)
     x_t = ss.q_sample(x0, t, noise)
     snr = ss.snr[t]
-    if predicts_eps(ss, t, parameterisation):
+    if parameterisation == "x0":
+        target, weight = ss.target(x0, t), snr.clamp(max=min_snr)
+    elif parameterisation == "eps":
+        if ss.levels != 1:
+            raise ValueError("eps-prediction is the one-level DDPM baseline; use x0-prediction with several levels")
         target, weight = noise, snr.clamp(max=min_snr) / snr
     else:
-        target, weight = ss.target(x0, t), snr.clamp(max=min_snr)
+        raise ValueError(f"unknown parameterisation {parameterisation!r}: choose 'x0' or 'eps'")
     return x_t, target, weight.to(x0.device, torch.float32, non_blocking=True)
-
-
-PARAMETERISATIONS = ("x0", "eps")  # what the network predicts (METHOD.md §3)
-
-
-def predicts_eps(ss, t, parameterisation):
-    """Whether the network predicts eps at step t (an int, or a batch's steps, which share one path): with
-    eps-prediction, on the full-resolution level only. There the noise is low, and an eps-network passes x_t
-    through and corrects it. The coarser levels hold only noisy steps, where x_hat = (x_t - sigma_t eps) / a_t
-    multiplies the network's error by 1 / a_t; a resolution change has no eps at its output's size. Both predict
-    x_0 (METHOD.md §3)."""
-    return parameterisation == "eps" and ss.level_of(t) == 0
 
 
 def weighted_mse(pred, target, weight):
@@ -290,7 +279,7 @@ def network_denoiser(net, ss, y=None, cfg_scale=1.0, parameterisation="x0", clip
     """Wrap a network net(x, t, out_res, y) as a denoiser: bf16 autocast on CUDA, clamp to [-1, 1] (METHOD.md §4).
 
     Classifier-free guidance (cfg_scale != 1 with labels y): x_hat = u + w (c - u), u from the null label (y = None).
-    Where the network predicts eps, x_hat = (x_t - sigma_t eps) / a_t.
+    eps-prediction (one level) is turned into x_hat = (x_t - sigma_t eps) / a_t.
     """
     def run(x, t, labels):
         steps = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
@@ -302,7 +291,7 @@ def network_denoiser(net, ss, y=None, cfg_scale=1.0, parameterisation="x0", clip
         if y is not None and cfg_scale != 1.0:
             uncond = run(x_t, t, None)
             out = uncond + cfg_scale * (out - uncond)
-        if predicts_eps(ss, t, parameterisation):
+        if parameterisation == "eps":
             out = (x_t - float(ss.sigma[t]) * out) / float(ss.a[t])
         return out.clamp(-1, 1) if clip else out
 

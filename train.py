@@ -59,8 +59,6 @@ SETTINGS = {
                                 "their SNR (METHOD.md §1; not the paper's)"),
         ("T", 1000, "diffusion steps"),
         ("min_snr", 5.0, "Min-SNR-gamma loss weight"),
-        ("parameterisation", None, "what ssd's network predicts: x0 (None: the paper's) or eps, the noise on the "
-                                   "full-resolution level (METHOD.md §3; not the paper's)"),
         ("transition_share", None, "share of batches on resolution-changing steps (None: the paper's, (L-1)/T)"),
         ("level_shares", None, "relative shares of the other batches per level, finest first, e.g. 4,3,2,1 (None: "
                                "the paper's, each level's number of steps; METHOD.md §3)"),
@@ -113,7 +111,7 @@ SETTINGS = {
     ],
 }
 TYPES = dict(data_dir=str, cache_dir=str, res=int, levels=int, transitions=str, transition_share=float,
-             parameterisation=str, level_shares=str, model=str, batch_size=int, micro_batch=int, lr=float, warmup=int, grad_clip=float,
+             level_shares=str, model=str, batch_size=int, micro_batch=int, lr=float, warmup=int, grad_clip=float,
              max_steps=int, compile=bool, cuda_graphs=bool, bf16=bool, wandb_project=str, snapshot_minutes=str,
              snapshot_steps=str)  # the settings whose default is None
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU, for the MFU column
@@ -190,8 +188,6 @@ def check_config(cfg):
         need(all(m > 0 for m in cfg[key] or ()), f"--{key}: every entry must be positive")
     need(cfg["method"] in ("ssd", "msf") or cfg["levels"] == 1, f"--method {cfg['method']} trains one level")
     need(cfg["method"] != "msf" or cfg["levels"] == 1, "--method msf: each of its two stages has one level")
-    need(cfg["method"] != "msf" or cfg["parameterisation"] is None,
-         "--method msf: its two stages predict x0; leave --parameterisation out")
     need(not cfg["upsample_transitions"] or cfg["method"] == "ssd" and cfg["levels"] > 1 and cfg["flexi"],
          "--upsample_transitions True routes the steps that increase the resolution, and this run has none "
          "(it needs --method ssd with --levels 2 or more and --flexi True)")
@@ -217,7 +213,7 @@ def method_spec(cfg, channels, num_classes):
     make = paper_config if cfg["model"] == "paper" else tiny_config
     unet = make(cfg["res"], cfg["levels"], in_channels=channels, flexi=cfg["flexi"], **options)
     return methods.ssd_spec(cfg["method"], unet, scale_space, cfg["min_snr"], cfg["transition_share"],
-                            cfg["level_shares"], cfg["parameterisation"])
+                            cfg["level_shares"])
 
 
 # -----------------------------------------------------------------------------

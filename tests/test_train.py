@@ -358,8 +358,6 @@ def test_presets_follow_the_model():
     eps = train.parse_config(["--method", "ddpm_eps"])
     assert (eps["levels"], eps["flexi"]) == (1, False)
     assert train.method_spec(eps, 1, 0)["parameterisation"] == "eps"
-    assert train.method_spec(train.parse_config(["--parameterisation", "eps"]), 1, 0)["parameterisation"] == "eps"
-    assert train.method_spec(train.parse_config([]), 1, 0)["parameterisation"] == "x0"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -406,9 +404,6 @@ def test_parser_rejects_bad_values(argv, message, capsys):
     (["--level_shares", "a,b"], "--level_shares 'a,b': give one share per level"),
     (["--device", "cpu", "--bf16", "True"], "--bf16 True needs a CUDA device"),
     (["--resume", "True", "--overwrite", "True"], "exclude each other"),
-    (["--parameterisation", "v"], "--parameterisation 'v': choose one of x0, eps"),
-    (["--parameterisation", "eps", "--method", "ddpm_x0"], "--method ddpm_x0 predicts x0: leave --parameterisation"),
-    (["--parameterisation", "x0", "--method", "msf"], "--method msf: its two stages predict x0"),
 ])
 def test_bad_settings_are_named_before_anything_runs(argv, message):
     with pytest.raises(ValueError, match=message):
