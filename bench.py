@@ -103,7 +103,8 @@ def eager_config(cfg):
 def bench_sampling(run, cfg, args, peak, ceiling):
     """Sampling time and MFU of args.sample_batch images from the EMA network (untrained weights: speed only),
     compiled and replayed as CUDA graphs as the variant trains (sample.py's defaults), and its floor: the time the
-    chain's FLOPs alone would take at the measured matrix-product ceiling, the least that faster kernels could reach."""
+    chain's FLOPs alone would take at the measured matrix-product ceiling, the least that faster kernels could reach.
+    Returns the figures and a function that draws the first chain again (for its profile)."""
     n = args.sample_batch
     seconds = sample.speed_up(run.method, run.ema, n, compile=cfg["compile"], graphs=cfg["cuda_graphs"])
     seeds = torch.arange(n, device=run.device)
@@ -123,10 +124,13 @@ def bench_sampling(run, cfg, args, peak, ceiling):
         draw(steps, fused=True)  # compiles the noise kernel of each resolution
         results["fused_noise_s"] = roofline.cuda_seconds(lambda: draw(steps, fused=True), args.sample_repeats, 1)
         print(f"  the same, noise as one kernel (ssd.fused_box_muller): {results['fused_noise_s']:.1f} s", flush=True)
-    if args.roofline:  # where the first chain's time goes
-        kernels, wall_ms, heaviest = roofline.kernel_times(lambda: draw(args.sample_steps[0]), steps=1)
-        results["kernels_ms"], results["wall_ms"], results["heaviest"] = kernels, wall_ms, heaviest
-    return results
+    return results, lambda: draw(args.sample_steps[0])
+
+
+def sampling_roofline(draw_chain):
+    """Where the first chain's time goes: every kernel of one chain under the profiler, summed by kind."""
+    kernels, wall_ms, heaviest = roofline.kernel_times(draw_chain, steps=1)
+    return dict(kernels_ms=kernels, wall_ms=wall_ms, heaviest=heaviest)
 
 
 def largest_batch(run, cfg, data, limit=4096, granularity=8):
@@ -271,8 +275,11 @@ def main():
                 row["train"] = bench_training(run, cfg, data, args, peak, ceiling if args.roofline else None)
                 save(results, args)
             if args.sample:
-                row["sample"] = bench_sampling(run, cfg, args, peak, ceiling)
-                save(results, args)
+                row["sample"], draw_chain = bench_sampling(run, cfg, args, peak, ceiling)
+                save(results, args)  # the times are kept even if the profile below runs out of time
+                if args.roofline:
+                    row["sample"].update(sampling_roofline(draw_chain))
+                    save(results, args)
             if args.max_batch:
                 row["max_batch"] = largest_batch(run, cfg, data)
                 save(results, args)
