@@ -13,7 +13,8 @@ full resolution, DDPM-x0) and "msf" (msf.py), each with optional suffixes that t
 (the paper's attention, no QK-norm), -fp32attn (the paper's attention in float32). Training time is measured per
 path and averaged with the share of batches each path gets (methods.py); compilation and warm-up are excluded,
 CUDA is synchronised, and each figure is the median of several repeats. The GPU's ceilings (a large bf16 matrix
-product, a large copy) are measured first; each sampling time comes with its floor, its FLOPs at that ceiling.
+product, a large copy) are measured first; each sampling time comes with its floor, its FLOPs at that ceiling,
+and with the rate of the network's own 3x3 convolutions run alone at the sampling batch, a nearer ceiling.
 Memory: "peak GB" is the most allocated at once; with CUDA graphs the recorded paths' activations live in the
 graphs' own pool, so "reserved GB" (all the process holds) is the figure that compares. Results go to
 OUT/bench_<res>px.json and .md, rewritten after each measurement, so a run cut short keeps what it finished.
@@ -124,6 +125,10 @@ def bench_sampling(run, cfg, args, peak, ceiling):
         draw(steps, fused=True)  # compiles the noise kernel of each resolution
         results["fused_noise_s"] = roofline.cuda_seconds(lambda: draw(steps, fused=True), args.sample_repeats, 1)
         print(f"  the same, noise as one kernel (ssd.fused_box_muller): {results['fused_noise_s']:.1f} s", flush=True)
+    # A nearer ceiling than the matrix product's for a network made of convolutions: its own 3x3 convolutions alone.
+    config = getattr(run.ema, "residual", run.ema).config  # MSF's full-resolution network is its residual UNet
+    shapes = [(config.res >> k, config.base_channels * m) for k, m in enumerate(config.channel_mult)]
+    results["conv_tflops"] = roofline.conv_rates(run.device, shapes, n)
     return results, lambda: draw(args.sample_steps[0])
 
 
@@ -196,6 +201,12 @@ def markdown(results, args):
         lines += ["", f"Sampling floor, {args.sample_batch} images: the chain's FLOPs at the measured matrix-product "
                       f"ceiling ({results['ceilings']['matmul_tflops']:.0f} TFLOP/s): " + ", ".join(floors)]
     for name, r in results["variants"].items():
+        if "conv_tflops" in r.get("sample", {}):
+            rates = r["sample"]["conv_tflops"]
+            lines += ["", f"{name}, a lone 3x3 convolution of the network, forward, at batch {args.sample_batch} "
+                          f"(resolution x channels: TFLOP/s): " + ", ".join(f"{k}: {v:.0f}" for k, v in rates.items()) +
+                          f"; the first chain's FLOPs at the fastest of these rates take "
+                          f"{chain_flops(r, args, results) / max(rates.values()) / 1e12:.2f} s"]
         if "fused_noise_s" in r.get("sample", {}):
             lines += ["", f"{name}, sampling {args.sample_batch} images with {args.sample_steps[0]} steps, the noise "
                           f"made by one kernel (ssd.fused_box_muller): {r['sample']['fused_noise_s']:.2f} s, against "
@@ -205,6 +216,10 @@ def markdown(results, args):
                                                                               key=lambda kv: -kv[1]))
             lines += ["", f"{name}, sampling {args.sample_batch} images with {args.sample_steps[0]} steps: "
                           f"{r['sample']['wall_ms'] / 1000:.2f} s, of which GPU kernels by kind (s): {kinds}"]
+            matrix_s = (r["sample"]["kernels_ms"].get("conv and matmul", 0.0) + r["sample"]["kernels_ms"].get(
+                "attention", 0.0)) / 1e3
+            lines += ["", f"Its convolutions, matrix products and attention ran at "
+                          f"{chain_flops(r, args, results) / matrix_s / 1e12:.0f} TFLOP/s."]
             heaviest = roofline.heaviest_text(r["sample"]["heaviest"], scale=1e-3)
             if heaviest:
                 lines += ["", "The heaviest kernels outside the matrix products and attention (s): " +
@@ -213,6 +228,12 @@ def markdown(results, args):
             ceiling = results["ceilings"]["matmul_tflops"], results["ceilings"]["copy_gbs"]
             lines += ["", roofline.markdown(name, r["train"]["roofline"], ceiling)]
     return "\n".join(lines)
+
+
+def chain_flops(r, args, results):
+    """The FLOPs of a variant's first sampling chain, from its time and MFU."""
+    steps = args.sample_steps[0]
+    return r["sample"][f"{steps}_steps_mfu"] * results["peak_flops"] * r["sample"][f"{steps}_steps_s"]
 
 
 def ratios(variants, sample_steps):
