@@ -13,8 +13,7 @@ full resolution, DDPM-x0) and "msf" (msf.py), each with optional suffixes that t
 (the paper's attention, no QK-norm), -fp32attn (the paper's attention in float32). Training time is measured per
 path and averaged with the share of batches each path gets (methods.py); compilation and warm-up are excluded,
 CUDA is synchronised, and each figure is the median of several repeats. The GPU's ceilings (a large bf16 matrix
-product, a large copy) are measured first; each sampling time comes with its floor, its FLOPs at that ceiling,
-and with the rate of the network's own 3x3 convolutions run alone at the sampling batch, a nearer ceiling.
+product, a large copy) are measured first; each sampling time comes with its floor, its FLOPs at that ceiling.
 Memory: "peak GB" is the most allocated at once; with CUDA graphs the recorded paths' activations live in the
 graphs' own pool, so "reserved GB" (all the process holds) is the figure that compares. Results go to
 OUT/bench_<res>px.json and .md, rewritten after each measurement, so a run cut short keeps what it finished.
@@ -100,20 +99,23 @@ def eager_config(cfg):
     return dict(cfg, compile=False, cuda_graphs=False)
 
 
+def sampling_chain(run, n, steps, fused_noise=False):
+    """n images drawn from the EMA network with `steps` steps, each image's noise seeded by its index."""
+    seeds = torch.arange(n, device=run.device)
+    return run.method.sample(run.ema, n, steps, noise=seeded_noise(seeds, fused_noise))
+
+
 @torch.inference_mode()  # as sample.py draws
 def bench_sampling(run, cfg, args, peak, ceiling):
     """Sampling time and MFU of args.sample_batch images from the EMA network (untrained weights: speed only),
     compiled and replayed as CUDA graphs as the variant trains (sample.py's defaults), and its floor: the time the
-    chain's FLOPs alone would take at the measured matrix-product ceiling, the least that faster kernels could reach.
-    Returns the figures and a function that draws the first chain again (for its profile)."""
+    chain's FLOPs alone would take at the measured matrix-product ceiling, the least that faster kernels could reach."""
     n = args.sample_batch
     seconds = sample.speed_up(run.method, run.ema, n, compile=cfg["compile"], graphs=cfg["cuda_graphs"])
-    seeds = torch.arange(n, device=run.device)
-    draw = lambda steps, fused=False: run.method.sample(run.ema, n, steps, noise=seeded_noise(seeds, fused))
     torch.cuda.synchronize()
     results = dict(compile_s=seconds or 0.0)
     for steps in args.sample_steps:
-        seconds = roofline.cuda_seconds(lambda: draw(steps), args.sample_repeats, 1)
+        seconds = roofline.cuda_seconds(lambda: sampling_chain(run, n, steps), args.sample_repeats, 1)
         flops = 1e9 * run.method.sampling_gflops(run.ema, steps) * n
         results[f"{steps}_steps_s"] = seconds
         results[f"{steps}_steps_mfu"] = flops / seconds / peak
@@ -122,19 +124,18 @@ def bench_sampling(run, cfg, args, peak, ceiling):
               f"{100 * results[f'{steps}_steps_mfu']:.1f}% MFU", flush=True)
     if args.fused_noise and cfg["compile"]:  # the first chain again, its noise made by one kernel: before and after
         steps = args.sample_steps[0]
-        draw(steps, fused=True)  # compiles the noise kernel of each resolution
-        results["fused_noise_s"] = roofline.cuda_seconds(lambda: draw(steps, fused=True), args.sample_repeats, 1)
+        sampling_chain(run, n, steps, fused_noise=True)  # compiles the noise kernel of each resolution
+        results["fused_noise_s"] = roofline.cuda_seconds(lambda: sampling_chain(run, n, steps, fused_noise=True),
+                                                         args.sample_repeats, 1)
         print(f"  the same, noise as one kernel (ssd.fused_box_muller): {results['fused_noise_s']:.1f} s", flush=True)
-    # A nearer ceiling than the matrix product's for a network made of convolutions: its own 3x3 convolutions alone.
-    config = getattr(run.ema, "residual", run.ema).config  # MSF's full-resolution network is its residual UNet
-    shapes = [(config.res >> k, config.base_channels * m) for k, m in enumerate(config.channel_mult)]
-    results["conv_tflops"] = roofline.conv_rates(run.device, shapes, n)
-    return results, lambda: draw(args.sample_steps[0])
+    return results
 
 
-def sampling_roofline(draw_chain):
+@torch.inference_mode()
+def sampling_roofline(run, args):
     """Where the first chain's time goes: every kernel of one chain under the profiler, summed by kind."""
-    kernels, wall_ms, heaviest = roofline.kernel_times(draw_chain, steps=1)
+    chain = lambda: sampling_chain(run, args.sample_batch, args.sample_steps[0])
+    kernels, wall_ms, heaviest = roofline.kernel_times(chain, steps=1)
     return dict(kernels_ms=kernels, wall_ms=wall_ms, heaviest=heaviest)
 
 
@@ -201,12 +202,6 @@ def markdown(results, args):
         lines += ["", f"Sampling floor, {args.sample_batch} images: the chain's FLOPs at the measured matrix-product "
                       f"ceiling ({results['ceilings']['matmul_tflops']:.0f} TFLOP/s): " + ", ".join(floors)]
     for name, r in results["variants"].items():
-        if "conv_tflops" in r.get("sample", {}):
-            rates = r["sample"]["conv_tflops"]
-            lines += ["", f"{name}, a lone 3x3 convolution of the network, forward, at batch {args.sample_batch} "
-                          f"(resolution x channels: TFLOP/s): " + ", ".join(f"{k}: {v:.0f}" for k, v in rates.items()) +
-                          f"; the first chain's FLOPs at the fastest of these rates take "
-                          f"{chain_flops(r, args, results) / max(rates.values()) / 1e12:.2f} s"]
         if "fused_noise_s" in r.get("sample", {}):
             lines += ["", f"{name}, sampling {args.sample_batch} images with {args.sample_steps[0]} steps, the noise "
                           f"made by one kernel (ssd.fused_box_muller): {r['sample']['fused_noise_s']:.2f} s, against "
@@ -219,7 +214,8 @@ def markdown(results, args):
             matrix_s = (r["sample"]["kernels_ms"].get("conv and matmul", 0.0) + r["sample"]["kernels_ms"].get(
                 "attention", 0.0)) / 1e3
             lines += ["", f"Its convolutions, matrix products and attention ran at "
-                          f"{chain_flops(r, args, results) / matrix_s / 1e12:.0f} TFLOP/s."]
+                          f"{chain_flops(r, args, results) / matrix_s / 1e12:.0f} TFLOP/s: the chain's FLOPs over "
+                          f"their kernels' time."]
             heaviest = roofline.heaviest_text(r["sample"]["heaviest"], scale=1e-3)
             if heaviest:
                 lines += ["", "The heaviest kernels outside the matrix products and attention (s): " +
@@ -296,10 +292,10 @@ def main():
                 row["train"] = bench_training(run, cfg, data, args, peak, ceiling if args.roofline else None)
                 save(results, args)
             if args.sample:
-                row["sample"], draw_chain = bench_sampling(run, cfg, args, peak, ceiling)
+                row["sample"] = bench_sampling(run, cfg, args, peak, ceiling)
                 save(results, args)  # the times are kept even if the profile below runs out of time
                 if args.roofline:
-                    row["sample"].update(sampling_roofline(draw_chain))
+                    row["sample"].update(sampling_roofline(run, args))
                     save(results, args)
             if args.max_batch:
                 row["max_batch"] = largest_batch(run, cfg, data)

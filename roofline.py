@@ -3,7 +3,6 @@ Where the time of a training step goes, path by path: the GPU's ceilings, the wo
 kernels take by kind. bench.py --roofline True measures it and writes the table beside its own.
 
 - Ceilings, measured in the same call: a large bf16 matrix product (TFLOP/s) and a large copy (GB/s, read + write).
-  For sampling, also the network's own 3x3 convolutions alone (conv_rates): cuDNN's rate on those shapes.
 - Work: the step's FLOPs (3x the forward's, flexi_unet.path_gflops) and its bytes as an unfused run moves them:
   every aten operation of an eager forward and backward reads its inputs and writes its outputs, views excluded.
   A fused run moves less, so this bounds from above the traffic a perfect implementation needs.
@@ -64,23 +63,6 @@ def ceilings(device, size=8192, copy_bytes=2 ** 30):
     matmul = 2 * size ** 3 / cuda_seconds(lambda: a @ b, pick=min)
     copy = 2 * copy_bytes / cuda_seconds(lambda: y.copy_(x), pick=min)  # each byte read once and written once
     return matmul / 1e12, copy / 1e9
-
-
-def conv_rates(device, shapes, batch):
-    """TFLOP/s of a lone bf16 3x3 convolution's forward (channels-last, as cuDNN prefers) for each (res, channels)
-    in shapes, at this batch: the rate cuDNN reaches on the network's own layers, a ceiling for its convolutions
-    nearer than the matrix product's."""
-    rates = {}
-    for res, channels in shapes:
-        conv = torch.nn.Conv2d(channels, channels, 3, padding=1, device=device, dtype=torch.bfloat16)
-        conv = conv.to(memory_format=torch.channels_last)
-        x = torch.randn(batch, channels, res, res, device=device, dtype=torch.bfloat16)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            conv(x)  # warm-up: cuDNN picks its algorithm
-            seconds = cuda_seconds(lambda: conv(x), repeats=3, iters=5, pick=min)
-        rates[f"{res}x{channels}"] = 2 * 9 * channels ** 2 * res ** 2 * batch / seconds / 1e12
-    return rates
 
 
 def cuda_seconds(fn, repeats=5, iters=10, pick=statistics.median):
