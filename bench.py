@@ -118,6 +118,7 @@ def bench_sampling(run, cfg, args, peak, ceiling):
         seconds = roofline.cuda_seconds(lambda: sampling_chain(run, n, steps), args.sample_repeats, 1)
         flops = 1e9 * run.method.sampling_gflops(run.ema, steps) * n
         results[f"{steps}_steps_s"] = seconds
+        results[f"{steps}_steps_flops"] = flops
         results[f"{steps}_steps_mfu"] = flops / seconds / peak
         results[f"{steps}_steps_floor_s"] = flops / (1e12 * ceiling[0])
         print(f"  sampling {n} images, {steps} steps: {seconds:.1f} s, "
@@ -211,11 +212,11 @@ def markdown(results, args):
                                                                               key=lambda kv: -kv[1]))
             lines += ["", f"{name}, sampling {args.sample_batch} images with {args.sample_steps[0]} steps: "
                           f"{r['sample']['wall_ms'] / 1000:.2f} s, of which GPU kernels by kind (s): {kinds}"]
-            matrix_s = (r["sample"]["kernels_ms"].get("conv and matmul", 0.0) + r["sample"]["kernels_ms"].get(
-                "attention", 0.0)) / 1e3
-            lines += ["", f"Its convolutions, matrix products and attention ran at "
-                          f"{chain_flops(r, args, results) / matrix_s / 1e12:.0f} TFLOP/s: the chain's FLOPs over "
-                          f"their kernels' time."]
+            kernels = r["sample"]["kernels_ms"]
+            matrix_s = (kernels.get("conv and matmul", 0.0) + kernels.get("attention", 0.0)) / 1e3
+            tflops = r["sample"][f"{args.sample_steps[0]}_steps_flops"] / matrix_s / 1e12
+            lines += ["", f"Its convolutions, matrix products and attention ran at {tflops:.0f} TFLOP/s: the chain's "
+                          f"FLOPs over their kernels' time."]
             heaviest = roofline.heaviest_text(r["sample"]["heaviest"], scale=1e-3)
             if heaviest:
                 lines += ["", "The heaviest kernels outside the matrix products and attention (s): " +
@@ -224,12 +225,6 @@ def markdown(results, args):
             ceiling = results["ceilings"]["matmul_tflops"], results["ceilings"]["copy_gbs"]
             lines += ["", roofline.markdown(name, r["train"]["roofline"], ceiling)]
     return "\n".join(lines)
-
-
-def chain_flops(r, args, results):
-    """The FLOPs of a variant's first sampling chain, from its time and MFU."""
-    steps = args.sample_steps[0]
-    return r["sample"][f"{steps}_steps_mfu"] * results["peak_flops"] * r["sample"][f"{steps}_steps_s"]
 
 
 def ratios(variants, sample_steps):

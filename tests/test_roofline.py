@@ -91,12 +91,13 @@ def test_the_bench_tables_read_every_field_the_bench_writes():
                          [("at::native::elementwise_kernel", "other", 5.0)], (800.0, 4000.0))
     train_row = dict(paths=[path], compile_s=3.0, ms_per_step=80.0, images_per_s=1600.0, tflops=270.0, mfu=0.28,
                      peak_mem_gb=2.0, reserved_gb=9.0, roofline=[where])
-    sample_row = {"compile_s": 1.0, "100_steps_s": 10.0, "100_steps_mfu": 0.3, "100_steps_floor_s": 2.5,
+    sample_row = {"compile_s": 1.0, "100_steps_s": 10.0, "100_steps_flops": 3e15, "100_steps_mfu": 0.3,
+                  "100_steps_floor_s": 2.5,
                   "fused_noise_s": 9.5,
                   "kernels_ms": {"attention": 900.0, "conv and matmul": 5100.0},
                   "wall_ms": 10_000.0, "heaviest": [["triton_red_fused_native_group_norm_0", "Inductor reductions",
                                                      420.0]]}
-    results = dict(device="GPU", date="2026-12-02", command="python bench.py", peak_flops=1e15, ceilings=dict(matmul_tflops=800.0,
+    results = dict(device="GPU", date="2026-12-02", command="python bench.py", ceilings=dict(matmul_tflops=800.0,
                    copy_gbs=4000.0), variants={"ssd": dict(train=train_row, sample=sample_row, max_batch=256),
                                                "full": dict(train=dict(train_row, roofline=[]))})
     results["ratios"] = bench.ratios(results["variants"], [100])
