@@ -35,6 +35,12 @@ from flexi_unet import paper_config, tiny_config
 from monitor import FORWARD_IMAGES, Monitor, RunLog, Window, check_divergence
 from ssd import seeded_noise
 
+# The CUDA allocator grows one mapped segment instead of caching blocks of each size it has seen: the paths of a
+# multi-resolution model allocate activations of very different sizes, which in a cache of fixed blocks fragment
+# (more memory held than is ever in use at once, and a smaller largest batch). Read when CUDA starts; a setting of
+# the user's own wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 # -----------------------------------------------------------------------------
 # settings: (name, default, help). None means: filled by the preset of the model, or by the device.
 
