@@ -224,7 +224,9 @@ class Block(nn.Module):
                      if attention else nn.Identity())
         self.up = Upsample(out_ch) if upsample else nn.Identity()
 
-    def forward(self, x, emb):
+    def forward(self, x, emb, skip=None):
+        if skip is not None:  # a decoder block joins its skip here, inside its compiled graph (UNet.compile_blocks)
+            x = torch.cat([x, skip], dim=1)
         return self.up(self.attn(self.res(x, emb)))
 
 
@@ -280,11 +282,15 @@ class UNet(nn.Module):
         self.graphs = None  # recorded sampling forwards, once record_graphs() is called
 
     def compile_blocks(self, **options):
-        """Regional compilation: torch.compile each block (residual block, attention, upsample) on its own.
+        """Regional compilation: torch.compile each block (residual block, attention, upsample; a downsample; the
+        stem, the adapters and the head) on its own.
 
         A block always runs at its own level's resolution, whatever the path, so the blocks compile once each and
         every (input, output) path reuses them; blocks of the same shapes share one compiled graph. Compiling the
-        whole network instead costs one large graph per path and minutes per path.
+        whole network instead costs one large graph per path and minutes per path. Everything with a full-size
+        activation is compiled, the small pieces between the blocks too: run eagerly, each would make its own
+        passes over the activation (a convolution's bias, the head's GroupNorm in float32, the decoder's
+        concatenation and the strided gradients of its backward).
         """
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         if memory_format(self.stem.weight) is torch.channels_last and "backend" not in options:
@@ -294,10 +300,16 @@ class UNet(nn.Module):
             # so cuDNN would convert to channels-last and back around those convolutions. Forced, every graph keeps
             # the model's channels-last layout.
             options["options"] = {"force_layout_optimization": True}
-        for module in self.modules():
-            if isinstance(module, Block):
-                module.compile(dynamic=False, **options)  # options: torch.compile's (tests use a fast backend)
+        for module in self.regions():
+            module.compile(dynamic=False, **options)  # options: torch.compile's (tests use a fast backend)
         return self
+
+    def regions(self):
+        """The modules compile_blocks compiles, each on its own."""
+        blocks = [m for m in self.modules() if isinstance(m, (Block, Downsample))]
+        adapters = [m for m in [*getattr(self, "in_adapters", []), *getattr(self, "out_adapters", [])]  # Flexi only
+                    if isinstance(m, nn.Conv2d)]  # not the identities
+        return [self.stem, *blocks, *adapters, self.head]
 
     def record_graphs(self):
         """Sampling: from now on every CUDA forward without gradients replays a CUDA graph, one per input signature,
@@ -405,7 +417,7 @@ class UNet(nn.Module):
     def decode(self, h, emb, skips):
         # One decoder block per skip, deepest first: zip stops when the skips run out, which ends the path.
         for block, skip in zip(self.decoder, reversed(skips)):
-            h = block(torch.cat([h, skip], dim=1), emb)
+            h = block(h, emb, skip)
         return h
 
 

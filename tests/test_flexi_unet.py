@@ -6,7 +6,7 @@ import torch
 
 from degrade import ScaleSpace
 import torch.nn.functional as F
-from flexi_unet import (Block, UNet, UNetConfig, Upsample, average_gflops, memory_format, paper_config,
+from flexi_unet import (Block, Downsample, UNet, UNetConfig, Upsample, average_gflops, memory_format, paper_config,
                         parameter_count, path_gflops, tiny_config)
 
 
@@ -143,12 +143,27 @@ def test_a_channels_last_model_compiles_every_block_with_the_layout_forced(monke
     """Inductor would keep the decoder blocks' graphs (and all backward graphs) in the input's layout; a channels-last
     model asks it to force its channels-last layout optimisation in every block, and a channels-first one does not."""
     asked = []
-    monkeypatch.setattr(Block, "compile", lambda self, **kwargs: asked.append(kwargs))
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: asked.append(kwargs))
     UNet(tiny_config(16, 3)).to(memory_format=torch.channels_last).compile_blocks()
     assert asked and all(kw == dict(dynamic=False, options={"force_layout_optimization": True}) for kw in asked)
     asked.clear()
     UNet(tiny_config(16, 3)).compile_blocks()
     assert asked and all(kw == dict(dynamic=False) for kw in asked)
+
+
+@pytest.mark.parametrize("flexi", [True, False])
+def test_compilation_covers_every_full_size_activation(monkeypatch, flexi):
+    """Every module that makes or consumes a full-size activation is compiled: the blocks, the downsamples, the stem,
+    the 1x1 adapters and the head; no module inside another region is compiled twice."""
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append(self))
+    model = UNet(tiny_config(16, 3, flexi=flexi))
+    model.compile_blocks()
+    adapters = [*model.in_adapters, *model.out_adapters] if flexi else []
+    expected = [model.stem, model.head, *(m for m in model.modules() if isinstance(m, (Block, Downsample))),
+                *(m for m in adapters if isinstance(m, torch.nn.Conv2d))]
+    assert sorted(map(id, compiled)) == sorted(map(id, expected))
+    assert not any(a is not b and any(a is m for m in b.modules()) for a in compiled for b in compiled)
 
 
 @pytest.mark.parametrize("in_res, out_res", [(8, 16), (16, 16), (4, 4)])
