@@ -9,8 +9,9 @@ in one run on one GPU. Training times train.py's own step (train.train_step) on 
 
 Variants: "ssd" (the Flexi-UNet with L levels), "flexi1" (the same network at one level), "full" (the ADM UNet at
 full resolution, DDPM-x0) and "msf" (msf.py), each with optional suffixes that turn one thing off or on:
--eager (no torch.compile), -nograph (no CUDA graphs, in training or sampling), -cl (channels-last), -paperattn
-(the paper's attention, no QK-norm), -fp32attn (the paper's attention in float32). Training time is measured per
+-eager (no torch.compile), -nograph (no CUDA graphs, in training or sampling), -nchw (training in the channels-first
+layout, not channels-last), -paperattn (the paper's attention, no QK-norm), -fp32attn (the paper's attention in
+float32). Training time is measured per
 path and averaged with the share of batches each path gets (methods.py); compilation and warm-up are excluded,
 CUDA is synchronised, and each figure is the median of several repeats. The GPU's ceilings (a large bf16 matrix
 product, a large copy) are measured first; each sampling time comes with its floor, its FLOPs at that ceiling.
@@ -36,8 +37,9 @@ from data import ImageData, get_batch
 from ssd import seeded_noise
 
 VARIANTS = {"ssd": [], "flexi1": ["--levels", "1"], "full": ["--method", "ddpm_x0"], "msf": ["--method", "msf"]}
-SUFFIXES = {"eager": ["--compile", "False"], "nograph": ["--cuda_graphs", "False"], "cl": ["--channels_last", "True"],
-            "paperattn": ["--qk_norm", "False"], "fp32attn": ["--qk_norm", "False", "--attention_fp32", "True"]}
+SUFFIXES = {"eager": ["--compile", "False"], "nograph": ["--cuda_graphs", "False"],
+            "nchw": ["--channels_last", "False"], "paperattn": ["--qk_norm", "False"],
+            "fp32attn": ["--qk_norm", "False", "--attention_fp32", "True"]}
 
 
 def variant_config(args, variant, out_dir):
@@ -111,6 +113,8 @@ def bench_sampling(run, cfg, args, peak, ceiling):
     compiled and replayed as CUDA graphs as the variant trains (sample.py's defaults), and its floor: the time the
     chain's FLOPs alone would take at the measured matrix-product ceiling, the least that faster kernels could reach."""
     n = args.sample_batch
+    with torch.inference_mode(False):  # plain tensors: the EMA still trains in a later measurement (--max_batch)
+        run.ema.to(memory_format=torch.contiguous_format)  # channels-first, as sample.py loads a checkpoint
     seconds = sample.speed_up(run.method, run.ema, n, compile=cfg["compile"], graphs=cfg["cuda_graphs"])
     torch.cuda.synchronize()
     results = dict(compile_s=seconds or 0.0)

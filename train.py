@@ -100,7 +100,7 @@ SETTINGS = {
         ("device", "auto", "auto, cuda, cuda:N or cpu"),
         ("compile", None, "torch.compile the UNet block by block (None: on CUDA)"),
         ("cuda_graphs", None, "replay small paths as CUDA graphs (None: on CUDA without dropout)"),
-        ("channels_last", False, "channels-last memory layout"),
+        ("channels_last", None, "channels-last memory layout (None: on CUDA)"),
         ("bf16", None, "bf16 autocast (None: on CUDA); False trains in float32 with TF32 matrix products"),
         ("seed", 0, "initial weights, batches, steps and noise"),
     ],
@@ -118,8 +118,8 @@ SETTINGS = {
 }
 TYPES = dict(data_dir=str, cache_dir=str, res=int, levels=int, transitions=str, transition_share=float,
              level_shares=str, model=str, batch_size=int, micro_batch=int, lr=float, warmup=int, grad_clip=float,
-             max_steps=int, compile=bool, cuda_graphs=bool, bf16=bool, wandb_project=str, snapshot_minutes=str,
-             snapshot_steps=str)  # the settings whose default is None
+             max_steps=int, compile=bool, cuda_graphs=bool, bf16=bool, channels_last=bool, wandb_project=str,
+             snapshot_minutes=str, snapshot_steps=str)  # the settings whose default is None
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU, for the MFU column
 
 
@@ -160,7 +160,8 @@ def apply_presets(cfg):
     device = pick_device(cfg["device"])
     cfg["device"] = str(device)
     cuda = device.type == "cuda"
-    for key, default in (("compile", cuda), ("bf16", cuda), ("cuda_graphs", cuda and cfg["dropout"] == 0)):
+    for key, default in (("compile", cuda), ("bf16", cuda), ("cuda_graphs", cuda and cfg["dropout"] == 0),
+                         ("channels_last", cuda)):
         if cfg[key] is None:
             cfg[key] = default
     return cfg
@@ -392,8 +393,19 @@ def restore(run, cfg, ckpt):
     run.model.load_state_dict(ckpt["model"])
     run.ema.load_state_dict(ckpt["ema"])
     run.opt.load_state_dict(ckpt["optimizer"])
+    give_moments_their_parameters_layout(run.opt)
     run.step, run.images_seen, run.train_seconds = ckpt["step"], ckpt["images_seen"], ckpt["train_seconds"]
     set_rng_states(run.gens, ckpt["rng"][run.rank], run.device)
+
+
+def give_moments_their_parameters_layout(opt):
+    """Store each optimiser moment in its parameter's memory layout. A checkpoint written with the other
+    --channels_last holds them in its own, and the fused update pairs parameter and moments element by element in
+    memory order: mixed layouts would update each weight with another weight's moments."""
+    for p, state in opt.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 # The settings the spec is made of: named when a resumed run differs in them.

@@ -2,6 +2,7 @@
 Tests of train.py on the tiny config (16 px, 2 levels, batch 8, CPU): outputs, learning, exact resume, DDP over two
 gloo processes, the command line, and the message of every bad input.
 """
+import copy
 import errno
 import json
 import math
@@ -16,6 +17,7 @@ from PIL import Image
 import common
 import train
 from data import ImageData, get_batch, load_dataset
+from flexi_unet import memory_format
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--res", "16", "--levels", "2", "--batch_size", "8", "--sample_n", "4", "--sample_steps", "5"]
@@ -458,6 +460,32 @@ def test_resume_from_another_configuration_fails(tmp_path, cache_dir):
     fit(tmp_path, cache_dir, "--max_steps", "1", "--sample_every", "0")
     with pytest.raises(ValueError, match=r"another configuration \(levels: checkpoint 2 vs now 1"):
         train.main(tiny_argv(tmp_path, cache_dir, "--levels", "1", "--resume", "True"))
+
+
+def test_moments_loaded_in_the_other_layout_take_their_parameters_layout():
+    """Fused AdamW (as on CUDA; the CPU has it too) pairs parameter and moments in memory order. A channels-last
+    model resumed from a contiguous checkpoint gets its moments rearranged, and its next update is the one the
+    contiguous run makes."""
+    torch.manual_seed(0)
+    weight, grads = torch.randn(4, 3, 3, 3), torch.randn(2, 4, 3, 3, 3)
+
+    def step(p, opt, grad):
+        p.grad = grad.contiguous(memory_format=memory_format(p))
+        opt.step()
+
+    p = torch.nn.Parameter(weight.clone())
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    step(p, opt, grads[0])
+    saved = copy.deepcopy(opt.state_dict())
+    resumed = torch.nn.Parameter(p.detach().contiguous(memory_format=torch.channels_last))
+    step(p, opt, grads[1])  # the run that never stopped
+
+    resumed_opt = torch.optim.AdamW([resumed], lr=0.1, fused=True)
+    resumed_opt.load_state_dict(saved)
+    train.give_moments_their_parameters_layout(resumed_opt)
+    assert resumed_opt.state[resumed]["exp_avg"].stride() == resumed.stride()
+    step(resumed, resumed_opt, grads[1])
+    torch.testing.assert_close(resumed.detach(), p.detach(), rtol=0, atol=1e-6)
 
 
 def test_a_checkpoint_written_before_an_option_existed_resumes(tmp_path, cache_dir):
