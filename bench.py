@@ -12,11 +12,12 @@ full resolution, DDPM-x0) and "msf" (msf.py), each with optional suffixes that t
 -eager (no torch.compile), -nograph (no CUDA graphs, in training or sampling), -nchw (training in the channels-first
 layout, not channels-last), -paperattn (the paper's attention, no QK-norm), -fp32attn (the paper's attention in
 float32). Training time is measured per path and averaged with the share of batches each path gets (methods.py);
-compilation and warm-up are excluded, CUDA is synchronised, and each figure is the median of several repeats. The GPU's ceilings (a large bf16 matrix
-product, a large copy) are measured first; each sampling time comes with its floor, its FLOPs at that ceiling.
-Memory: "peak GB" is the most allocated at once; with CUDA graphs the recorded paths' activations live in the
-graphs' own pool, so "reserved GB" (all the process holds) is the figure that compares. Results go to
-OUT/bench_<res>px.json and .md, rewritten after each measurement, so a run cut short keeps what it finished.
+compilation and warm-up are excluded, CUDA is synchronised, and each figure is the median of several repeats. The
+GPU's ceilings (a large bf16 matrix product, a large copy) are measured first; each sampling time comes with its
+floor, its FLOPs at that ceiling. Memory: "peak GB" is the most allocated at once; with CUDA graphs the recorded
+paths' activations live in the graphs' own pool, so "reserved GB" (all the process holds) is the figure that
+compares. Results go to OUT/bench_<res>px.json and .md, rewritten after each measurement, so a run cut short keeps
+what it finished.
 """
 import argparse
 import json
