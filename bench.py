@@ -113,8 +113,6 @@ def bench_sampling(run, cfg, args, peak, ceiling):
     compiled and replayed as CUDA graphs as the variant trains (sample.py's defaults), and its floor: the time the
     chain's FLOPs alone would take at the measured matrix-product ceiling, the least that faster kernels could reach."""
     n = args.sample_batch
-    with torch.inference_mode(False):  # plain tensors: the EMA still trains in a later measurement (--max_batch)
-        run.ema.to(memory_format=torch.contiguous_format)  # channels-first, as sample.py loads a checkpoint
     seconds = sample.speed_up(run.method, run.ema, n, compile=cfg["compile"], graphs=cfg["cuda_graphs"])
     torch.cuda.synchronize()
     results = dict(compile_s=seconds or 0.0)

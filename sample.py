@@ -307,6 +307,9 @@ def speed_up(method, net, batch_size, y=None, cfg_scale=1.0, compile=True, graph
     batch_size (generate_batches pads the last batch to it). Returns the seconds taken, or None if nothing was asked."""
     if not (compile or graphs):
         return None
+    if next(net.parameters()).is_cuda:  # as train.py trains: channels-last, which the compiled blocks keep throughout
+        with torch.inference_mode(False):  # plain weights, also when called in inference mode
+            net.to(memory_format=torch.channels_last)
     if compile:
         net.compile_blocks()  # regional compilation: every resolution path reuses the compiled blocks
     if graphs:
