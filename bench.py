@@ -8,16 +8,16 @@ in one run on one GPU. Training times train.py's own step (train.train_step) on 
     python bench.py --variants ssd,full --sample False --roofline True      # where each path's time goes
 
 Variants: "ssd" (the Flexi-UNet with L levels), "flexi1" (the same network at one level), "full" (the ADM UNet at
-full resolution, DDPM-x0) and "msf" (msf.py), each with optional suffixes that turn one thing off or on:
--eager (no torch.compile), -nograph (no CUDA graphs, in training or sampling), -nchw (training in the channels-first
-layout, not channels-last), -paperattn (the paper's attention, no QK-norm), -fp32attn (the paper's attention in
-float32). Training time is measured per path and averaged with the share of batches each path gets (methods.py);
-compilation and warm-up are excluded, CUDA is synchronised, and each figure is the median of several repeats. The
-GPU's ceilings (a large bf16 matrix product, a large copy) are measured first; each sampling time comes with its
-floor, its FLOPs at that ceiling. Memory: "peak GB" is the most allocated at once; with CUDA graphs the recorded
-paths' activations live in the graphs' own pool, so "reserved GB" (all the process holds) is the figure that
-compares. Results go to OUT/bench_<res>px.json and .md, rewritten after each measurement, so a run cut short keeps
-what it finished.
+full resolution, DDPM-x0) and "msf" (msf.py), each with optional suffixes that turn one thing off or on: -eager (no
+torch.compile), -nograph (no CUDA graphs, in training or sampling), -nchw (training and sampling in the
+channels-first layout, not channels-last), -paperattn (the paper's attention, no QK-norm), -fp32attn (the paper's
+attention in float32). Training time is measured per path and averaged with the share of batches each path gets
+(methods.py); compilation and warm-up are excluded, CUDA is synchronised, and each figure is the median of several
+repeats. The GPU's ceilings (a large bf16 matrix product, a large copy) are measured first; each sampling time comes
+with its floor, its FLOPs at that ceiling. Memory: "peak GB" is the most allocated at once; with CUDA graphs the
+recorded paths' activations live in the graphs' own pool, so "reserved GB" (all the process holds) is the figure
+that compares. Results go to OUT/bench_<res>px.json and .md, rewritten after each measurement, so a run cut short
+keeps what it finished.
 """
 import argparse
 import json
@@ -113,7 +113,8 @@ def bench_sampling(run, cfg, args, peak, ceiling):
     compiled and replayed as CUDA graphs as the variant trains (sample.py's defaults), and its floor: the time the
     chain's FLOPs alone would take at the measured matrix-product ceiling, the least that faster kernels could reach."""
     n = args.sample_batch
-    seconds = sample.speed_up(run.method, run.ema, n, compile=cfg["compile"], graphs=cfg["cuda_graphs"])
+    seconds = sample.speed_up(run.method, run.ema, n, compile=cfg["compile"], graphs=cfg["cuda_graphs"],
+                               channels_last=cfg["channels_last"])
     torch.cuda.synchronize()
     results = dict(compile_s=seconds or 0.0)
     for steps in args.sample_steps:
