@@ -282,15 +282,14 @@ class UNet(nn.Module):
         self.graphs = None  # recorded sampling forwards, once record_graphs() is called
 
     def compile_blocks(self, **options):
-        """Regional compilation: torch.compile each block (residual block, attention, upsample; a downsample; the
-        stem, the adapters and the head) on its own.
+        """Regional compilation: torch.compile each block (residual block, attention, upsample; a downsample) on its
+        own.
 
         A block always runs at its own level's resolution, whatever the path, so the blocks compile once each and
         every (input, output) path reuses them; blocks of the same shapes share one compiled graph. Compiling the
-        whole network instead costs one large graph per path and minutes per path. Everything with a full-size
-        activation is compiled, the small pieces between the blocks too: run eagerly, each would make its own
-        passes over the activation (a convolution's bias, the head's GroupNorm in float32, the decoder's
-        concatenation and the strided gradients of its backward).
+        whole network instead costs one large graph per path and minutes per path. A decoder block joins its skip
+        inside its graph. The stem, the 1x1 adapters and the head stay eager: Dynamo does not trace a torch.nn
+        module (Conv2d, Sequential) compiled on its own, and a lone convolution has nothing to fuse with.
         """
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         if memory_format(self.stem.weight) is torch.channels_last and "backend" not in options:
@@ -306,10 +305,7 @@ class UNet(nn.Module):
 
     def regions(self):
         """The modules compile_blocks compiles, each on its own."""
-        blocks = [m for m in self.modules() if isinstance(m, (Block, Downsample))]
-        adapters = [m for m in [*getattr(self, "in_adapters", []), *getattr(self, "out_adapters", [])]  # Flexi only
-                    if isinstance(m, nn.Conv2d)]  # not the identities
-        return [self.stem, *blocks, *adapters, self.head]
+        return [m for m in self.modules() if isinstance(m, (Block, Downsample))]
 
     def record_graphs(self):
         """Sampling: from now on every CUDA forward without gradients replays a CUDA graph, one per input signature,
