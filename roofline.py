@@ -7,9 +7,10 @@ kernels take by kind. bench.py --roofline True measures it and writes the table 
   every aten operation of an eager forward and backward reads its inputs and writes its outputs, views excluded.
   A fused run moves less, so this bounds from above the traffic a perfect implementation needs.
 - Floors: the time each would take at its ceiling. A step cannot be faster than its FLOPs floor.
-- Measured: a few profiled steps, their GPU kernels sorted by kind (KINDS), per step; "host wait" is the step's wall
-  time less its kernels' time, when the GPU idles while the host issues work. The heaviest kernels outside the
-  matrix products and attention are named: the memory traffic that is left to fuse or remove.
+- Measured: a few profiled steps, their GPU kernels sorted by kind (KINDS), per step; "GPU idle" is the step's wall
+  time less its kernels' time: the GPU waiting for the host to issue work, or for the next kernel to start (a few
+  microseconds each, also within a CUDA graph). The heaviest kernels outside the matrix products and attention are
+  named: the memory traffic that is left to fuse or remove.
 """
 import re
 import statistics
@@ -138,7 +139,7 @@ def row(path, flops, nbytes, kernels, wall_ms, heaviest, ceiling):
     matrix = kernels.get("conv and matmul", 0.0) + kernels.get("attention", 0.0)
     return dict(path=path, gflop=flops / 1e9, gb=nbytes / 1e9, flops_floor_ms=flops / matmul_tflops / 1e9,
                 bytes_floor_ms=nbytes / copy_gbs / 1e6, wall_ms=wall_ms, kernels_ms=busy,
-                host_wait_ms=max(0.0, wall_ms - busy), matrix_tflops=flops / matrix / 1e9 if matrix else 0.0,
+                idle_ms=max(0.0, wall_ms - busy), matrix_tflops=flops / matrix / 1e9 if matrix else 0.0,
                 kinds=kernels, heaviest=[list(k) for k in heaviest])
 
 
@@ -150,10 +151,10 @@ def heaviest_text(heaviest, scale=1.0):
 def markdown(variant, rows, ceiling):
     kinds = [kind for kind, _ in KINDS]
     header = [f"{variant} path", "GFLOP/step", "GB/step unfused", "FLOPs floor ms", "bytes floor ms", "measured ms",
-              "conv+matmul+attention TFLOP/s", *(f"{k} ms" for k in kinds), "host wait ms"]
+              "conv+matmul+attention TFLOP/s", *(f"{k} ms" for k in kinds), "GPU idle ms"]
     cells = [[r["path"], f"{r['gflop']:,.0f}", f"{r['gb']:.1f}", f"{r['flops_floor_ms']:.1f}",
               f"{r['bytes_floor_ms']:.1f}", f"{r['wall_ms']:.1f}", f"{r['matrix_tflops']:.0f}",
-              *(f"{r['kinds'].get(k, 0.0):.1f}" for k in kinds), f"{r['host_wait_ms']:.1f}"] for r in rows]
+              *(f"{r['kinds'].get(k, 0.0):.1f}" for k in kinds), f"{r['idle_ms']:.1f}"] for r in rows]
     lines = [f"Ceilings measured in this run: bf16 matrix product {ceiling[0]:.0f} TFLOP/s, copy {ceiling[1]:.0f} GB/s.",
              "", markdown_table(header, cells),
              "", "The heaviest kernels outside the matrix products and attention, ms per step:"]

@@ -60,7 +60,7 @@ def test_a_row_puts_work_against_the_ceilings():
     r = roofline.row("64->64", flops=1e12, nbytes=4e9, kernels=kernels, wall_ms=4.0, heaviest=heaviest,
                      ceiling=(1000.0, 4000.0))
     assert r["flops_floor_ms"] == pytest.approx(1.0) and r["bytes_floor_ms"] == pytest.approx(1.0)
-    assert r["kernels_ms"] == pytest.approx(3.5) and r["host_wait_ms"] == pytest.approx(0.5)
+    assert r["kernels_ms"] == pytest.approx(3.5) and r["idle_ms"] == pytest.approx(0.5)
     assert r["matrix_tflops"] == pytest.approx(400.0)  # 1e12 FLOP in 2.5 ms of matrix and attention kernels
     table = roofline.markdown("ssd", [r], (1000.0, 4000.0))
     assert "| 64->64 | 1,000 | 4.0 | 1.0 | 1.0 | 4.0 | 400 |" in table
