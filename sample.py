@@ -309,7 +309,9 @@ def speed_up(method, net, batch_size, y=None, cfg_scale=1.0, compile=True, graph
     nothing. Returns the seconds taken, or None if nothing was asked."""
     if not (compile or graphs):
         return None
-    if next(net.parameters()).is_cuda if channels_last is None else channels_last:
+    if channels_last is None:
+        channels_last = next(net.parameters()).is_cuda
+    if channels_last:
         with torch.inference_mode(False):  # plain weights, also when called in inference mode
             net.to(memory_format=torch.channels_last)
     if compile:
