@@ -214,6 +214,17 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+class Head(nn.Sequential):
+    """ADM's output: GroupNorm, SiLU, then a zero-initialised 3x3 convolution to the image channels. Its forward is
+    defined here, not inherited, so that torch.compile traces it (see UNet.compile_blocks)."""
+
+    def __init__(self, groups, ch, out_ch):
+        super().__init__(nn.GroupNorm(groups, ch), nn.SiLU(), zero_init(nn.Conv2d(ch, out_ch, 3, padding=1)))
+
+    def forward(self, x):
+        return super().forward(x)
+
+
 class Block(nn.Module):
     """One ADM stage: a residual block, then attention and an upsample where the level calls for them."""
 
@@ -226,8 +237,27 @@ class Block(nn.Module):
 
     def forward(self, x, emb, skip=None):
         if skip is not None:  # a decoder block joins its skip here, inside its compiled graph (UNet.compile_blocks)
-            x = torch.cat([x, skip], dim=1)
+            x = JoinSkip.apply(x, skip)
         return self.up(self.attn(self.res(x, emb)))
+
+
+class JoinSkip(torch.autograd.Function):
+    """torch.cat([x, skip], dim=1), whose backward hands each input its gradient as a dense tensor in the skip's
+    layout. torch.cat's own backward hands out strided views into one gradient, and both end up in eager passes
+    outside the compiled graphs: autograd adds the skip's to the gradient from the encoder's next block, and the
+    previous block's graph copies x's into the layout it was compiled for. On a strided view either pass is an
+    unvectorised kernel over a full-size activation. Compiled, the copies here are written straight by the kernel
+    that makes the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, skip):
+        ctx.x_channels, ctx.layout = x.shape[1], memory_format(skip)
+        return torch.cat([x, skip], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x, grad_skip = grad.split([ctx.x_channels, grad.shape[1] - ctx.x_channels], dim=1)
+        return grad_x.contiguous(memory_format=ctx.layout), grad_skip.contiguous(memory_format=ctx.layout)
 
 
 class UNet(nn.Module):
@@ -277,19 +307,19 @@ class UNet(nn.Module):
                 adapter(widths[0], self.skip_channels[self.first_skip(k) - 1]) for k in range(cfg.levels))
             self.out_adapters = nn.ModuleList(adapter(widths[k], widths[0]) for k in range(cfg.levels))
 
-        self.head = nn.Sequential(nn.GroupNorm(cfg.norm_groups, widths[0]), nn.SiLU(),
-                                  zero_init(nn.Conv2d(widths[0], cfg.in_channels, 3, padding=1)))
+        self.head = Head(cfg.norm_groups, widths[0], cfg.in_channels)
         self.graphs = None  # recorded sampling forwards, once record_graphs() is called
 
     def compile_blocks(self, **options):
-        """Regional compilation: torch.compile each block (residual block, attention, upsample; a downsample) on its
-        own.
+        """Regional compilation: torch.compile each block (residual block, attention, upsample; a downsample; the
+        head) on its own.
 
         A block always runs at its own level's resolution, whatever the path, so the blocks compile once each and
         every (input, output) path reuses them; blocks of the same shapes share one compiled graph. Compiling the
         whole network instead costs one large graph per path and minutes per path. A decoder block joins its skip
-        inside its graph. The stem, the 1x1 adapters and the head stay eager: Dynamo does not trace a torch.nn
-        module (Conv2d, Sequential) compiled on its own, and a lone convolution has nothing to fuse with.
+        inside its graph, and the head is compiled too: its GroupNorm, SiLU and convolution fuse. The stem and the
+        1x1 adapters stay eager: Dynamo does not trace a torch.nn module (here Conv2d) compiled on its own, and a
+        lone convolution has nothing to fuse with.
         """
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         if memory_format(self.stem.weight) is torch.channels_last and "backend" not in options:
@@ -305,7 +335,7 @@ class UNet(nn.Module):
 
     def regions(self):
         """The modules compile_blocks compiles, each on its own."""
-        return [m for m in self.modules() if isinstance(m, (Block, Downsample))]
+        return [m for m in self.modules() if isinstance(m, (Block, Downsample, Head))]
 
     def record_graphs(self):
         """Sampling: from now on every CUDA forward without gradients replays a CUDA graph, one per input signature,

@@ -153,13 +153,13 @@ def test_a_channels_last_model_compiles_every_block_with_the_layout_forced(monke
 
 @pytest.mark.parametrize("flexi", [True, False])
 def test_compilation_covers_every_block_and_downsample_once(monkeypatch, flexi):
-    """The residual, attention and upsampling blocks and the downsamples are compiled; no module inside another
-    region is compiled twice."""
+    """The residual, attention and upsampling blocks, the downsamples and the head are compiled; no module inside
+    another region is compiled twice."""
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append(self))
     model = UNet(tiny_config(16, 3, flexi=flexi))
     model.compile_blocks()
-    expected = [m for m in model.modules() if isinstance(m, (Block, Downsample))]
+    expected = [model.head, *(m for m in model.modules() if isinstance(m, (Block, Downsample)))]
     assert sorted(map(id, compiled)) == sorted(map(id, expected))
     assert not any(a is not b and any(a is m for m in b.modules()) for a in compiled for b in compiled)
 
@@ -346,3 +346,25 @@ def test_inductor_blocks_match_the_eager_network_in_bf16(in_res, out_res):
         assert grads_c.keys() == grads_e.keys()
         for name, grad in grads_e.items():
             assert (grads_c[name] - grad).abs().max() <= 5e-2 * grad.abs().max() + 1e-6, name
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_a_joined_skip_hands_each_input_a_dense_gradient(layout, backend):
+    """A decoder block's backward gives x and the skip gradients equal to torch.cat's, each dense in the skip's layout
+    (torch.cat's are strided views), in eager and compiled alike."""
+    block = randomized(Block(16 + 8, 16, 32, tiny_config(16, 2), attention=False)).to(memory_format=layout)
+    if backend:
+        block.compile(backend=backend, dynamic=False)
+    leaves = [torch.randn(2, c, 4, 4).contiguous(memory_format=layout).requires_grad_() for c in (16, 8)]
+    emb = torch.randn(2, 32)
+    grads = {}
+    x, skip = (leaf * 1 for leaf in leaves)  # not leaves: their hooks see the gradient as the backward hands it
+    for name, tensor in (("x", x), ("skip", skip)):
+        tensor.register_hook(lambda g, name=name: grads.setdefault(name, g))
+    block(x, emb, skip).square().sum().backward()
+    inputs = [leaf.detach().clone().requires_grad_() for leaf in leaves]
+    block.res(torch.cat(inputs, dim=1), emb).square().sum().backward()  # the block's own residual branch, eager
+    for name, expected in zip(("x", "skip"), inputs):
+        torch.testing.assert_close(grads[name], expected.grad, rtol=1e-5, atol=1e-6)
+        assert grads[name].is_contiguous(memory_format=layout), (name, grads[name].stride())
