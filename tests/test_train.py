@@ -187,6 +187,25 @@ def test_cuda_graphs_train_as_eager_does(tmp_path, cache_dir, method):
                                                                        rel=1e-3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("graphs", ["True", "False"])
+def test_a_cuda_training_step_never_waits_for_the_gpu(tmp_path, cache_dir, graphs):
+    """train_step only issues work: no .item(), no blocking copy, no synchronisation on any path, replayed or not,
+    so the host runs ahead of the GPU."""
+    cfg, data, _ = tiny_run(tmp_path, cache_dir, "--compile", "False", "--cuda_graphs", graphs, "--levels", "2",
+                            "--transition_share", "0.5")
+    run = train.build_run(cfg, data, device=torch.device("cuda"))
+    x0, _ = get_batch(data, cfg["batch_size"], torch.Generator().manual_seed(0), run.device)
+    for path in run.method.paths:
+        t = run.method.path_steps(path, cfg["batch_size"])
+        train.train_step(run, cfg, x0, t)  # the first step may wait: recording, cuDNN's search, the optimiser's state
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            train.train_step(run, cfg, x0, t)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 def test_seed_sets_the_initial_weights(tmp_path, cache_dir):
     first, again, other = (tiny_run(tmp_path, cache_dir, "--seed", seed)[2] for seed in "001")
     weights = [run.model.stem.weight for run in (first, again, other)]
