@@ -86,8 +86,8 @@ def bench_training(run, cfg, data, args, peak, ceiling=None):
         if ceiling:
             eager_step = lambda: train.train_step(eager, eager_cfg, x0, t)
             eager_step()  # the optimiser's state exists from here on, as in training
-            where.append(roofline.row(path.name, flops, roofline.unfused_bytes(eager_step),
-                                      *roofline.kernel_times(step), ceiling))
+            where.append(roofline.row(path.name, flops, roofline.step_work(eager_step, eager.params),
+                                      roofline.kernel_times(step), ceiling))
         avg_time += path.share * seconds
         avg_flops += path.share * flops
     return dict(paths=rows, compile_s=compile_s, ms_per_step=1000 * avg_time, images_per_s=batch / avg_time,
@@ -139,8 +139,9 @@ def bench_sampling(run, cfg, args, peak, ceiling):
 def sampling_roofline(run, args):
     """Where the first chain's time goes: every kernel of one chain under the profiler, summed by kind."""
     chain = lambda: sampling_chain(run, args.sample_batch, args.sample_steps[0])
-    kernels, wall_ms, heaviest = roofline.kernel_times(chain, steps=1)
-    return dict(kernels_ms=kernels, wall_ms=wall_ms, heaviest=heaviest)
+    measured = roofline.kernel_times(chain, steps=1)
+    return dict(kernels_ms=measured["kinds"], wall_ms=measured["wall_ms"], launches=measured["launches"],
+                heaviest=measured["heaviest"])
 
 
 def largest_batch(run, cfg, data, limit=4096, granularity=8):
@@ -213,9 +214,11 @@ def markdown(results, args):
         if "kernels_ms" in r.get("sample", {}):
             kinds = ", ".join(f"{kind} {ms / 1000:.2f}" for kind, ms in sorted(r["sample"]["kernels_ms"].items(),
                                                                               key=lambda kv: -kv[1]))
-            lines += ["", f"{name}, sampling {args.sample_batch} images with {args.sample_steps[0]} steps: "
-                          f"{r['sample']['wall_ms'] / 1000:.2f} s, of which GPU kernels by kind (s): {kinds}"]
             kernels = r["sample"]["kernels_ms"]
+            idle_s = max(0.0, r["sample"]["wall_ms"] - sum(kernels.values())) / 1000
+            lines += ["", f"{name}, sampling {args.sample_batch} images with {args.sample_steps[0]} steps: "
+                          f"{r['sample']['wall_ms'] / 1000:.2f} s, of which GPU kernels by kind (s): {kinds}; "
+                          f"the GPU idle {idle_s:.2f} s, around {r['sample']['launches']:,.0f} kernels"]
             matrix_s = (kernels.get("conv and matmul", 0.0) + kernels.get("attention", 0.0)) / 1e3
             tflops = r["sample"][f"{args.sample_steps[0]}_steps_flops"] / matrix_s / 1e12
             lines += ["", f"Its convolutions, matrix products and attention ran at {tflops:.0f} TFLOP/s: the chain's "

@@ -6,11 +6,12 @@ kernels take by kind. bench.py --roofline True measures it and writes the table 
 - Work: the step's FLOPs (3x the forward's, flexi_unet.path_gflops) and its bytes as an unfused run moves them:
   every aten operation of an eager forward and backward reads its inputs and writes its outputs, views excluded.
   A fused run moves less, so this bounds from above the traffic a perfect implementation needs.
-- Floors: the time each would take at its ceiling. A step cannot be faster than its FLOPs floor.
+- Floors: the time each would take at its ceiling. A step cannot be faster than its FLOPs floor, nor than its step
+  floor: the FLOPs floor plus the memory traffic that no fusion removes (memory_floor_bytes) at the copy ceiling.
 - Measured: a few profiled steps, their GPU kernels sorted by kind (KINDS), per step; "GPU idle" is the step's wall
   time less its kernels' time: the GPU waiting for the host to issue work, or for the next kernel to start (a few
-  microseconds each, also within a CUDA graph). The heaviest kernels outside the matrix products and attention are
-  named: the memory traffic that is left to fuse or remove.
+  microseconds each, also within a CUDA graph, so it grows with the kernels a step launches). The heaviest kernels
+  outside the matrix products and attention are named: the memory traffic that is left to fuse or remove.
 """
 import re
 import statistics
@@ -81,25 +82,50 @@ def cuda_seconds(fn, repeats=5, iters=10, pick=statistics.median):
     return pick(times)
 
 
-class ByteCounter(TorchDispatchMode):
-    """Counts the bytes every aten operation reads (its tensor inputs) and writes (its outputs); views move none."""
+class WorkCounter(TorchDispatchMode):
+    """Counts the bytes every aten operation reads (its tensor inputs) and writes (its outputs), views moving none,
+    and the values every GroupNorm normalises."""
 
     def __init__(self):
         super().__init__()
         self.bytes = 0
+        self.norm_values = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if not func.is_view:
             self.bytes += sum(t.nbytes for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor))
+        if func is torch.ops.aten.native_group_norm.default:
+            self.norm_values += args[0].numel()
         return out
 
 
-def unfused_bytes(step):
-    """Bytes that step() moves when every aten operation runs on its own (run it on an eager network)."""
-    with ByteCounter() as counter:
+def step_work(step, params):
+    """What step() moves when every aten operation runs on its own (run it on an eager network): its bytes, the
+    values its GroupNorms normalise, and how many of params it trains (those given a gradient) of how many."""
+    trained = set()
+    hooks = [p.register_post_accumulate_grad_hook(trained.add) for p in params]
+    with WorkCounter() as counter:
         step()
-    return counter.bytes
+    for hook in hooks:
+        hook.remove()
+    return dict(unfused_bytes=counter.bytes, norm_values=counter.norm_values,
+                trained_values=sum(p.numel() for p in trained), values=sum(p.numel() for p in params))
+
+
+# The memory traffic a training step needs however its kernels are fused, in bytes per value:
+# - a GroupNorm's values in bf16, five times: the forward reads its input and writes its output (the convolution or
+#   matrix product that follows reads it from memory), the backward reads its output's gradient (written by that
+#   convolution's backward) and its input, and writes its input's gradient;
+# - per trained fp32 parameter, AdamW's read of the value, gradient and both moments and write of three (28), and
+#   the gradient norm's read of the gradient (4);
+# - per parameter, trained or not, the EMA's read of both weights and write of its own.
+NORM_BYTES, UPDATE_BYTES, EMA_BYTES = 5 * 2, 28 + 4, 12
+
+
+def memory_floor_bytes(work):
+    return (NORM_BYTES * work["norm_values"] + UPDATE_BYTES * work["trained_values"]
+            + EMA_BYTES * work["values"])
 
 
 def short_name(name, width=70):
@@ -109,8 +135,9 @@ def short_name(name, width=70):
 
 
 def kernel_times(step, steps=3, heaviest=8):
-    """Milliseconds per step of step()'s CUDA kernels by kind, the wall time per step, and the `heaviest` kernels
-    outside the matrix products and attention as (name, kind, ms per step)."""
+    """step()'s GPU time per step: milliseconds of its CUDA kernels by kind ("kinds"), its wall time ("wall_ms"),
+    the kernels it launches ("launches") and the `heaviest` kernels outside the matrix products and attention as
+    (name, kind, ms per step)."""
     step()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -120,27 +147,33 @@ def kernel_times(step, steps=3, heaviest=8):
             step()
         end.record()
         torch.cuda.synchronize()
-    times, named = defaultdict(float), defaultdict(float)
+    times, named, launches = defaultdict(float), defaultdict(float), 0
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             ms, kind = event.device_time_total / 1000 / steps, kernel_kind(event.name)  # microseconds -> ms
             times[kind] += ms
             named[short_name(event.name), kind] += ms
+            launches += 1
     memory_bound = sorted(((name, kind, ms) for (name, kind), ms in named.items()
                            if kind not in ("conv and matmul", "attention")), key=lambda k: -k[2])
-    return dict(times), start.elapsed_time(end) / steps, memory_bound[:heaviest]
+    return dict(kinds=dict(times), wall_ms=start.elapsed_time(end) / steps, launches=launches / steps,
+                heaviest=memory_bound[:heaviest])
 
 
-def row(path, flops, nbytes, kernels, wall_ms, heaviest, ceiling):
-    """One path's line of the table: work, floors, the measured time by kind (ms per step) and its heaviest
-    memory-bound kernels (kernel_times)."""
+def row(path, flops, work, measured, ceiling):
+    """One path's line of the table: its work (step_work) and floors, the measured time by kind (kernel_times, ms
+    per step) and its heaviest memory-bound kernels."""
     matmul_tflops, copy_gbs = ceiling
+    kernels = measured["kinds"]
     busy = sum(kernels.values())
     matrix = kernels.get("conv and matmul", 0.0) + kernels.get("attention", 0.0)
-    return dict(path=path, gflop=flops / 1e9, gb=nbytes / 1e9, flops_floor_ms=flops / matmul_tflops / 1e9,
-                bytes_floor_ms=nbytes / copy_gbs / 1e6, wall_ms=wall_ms, kernels_ms=busy,
-                idle_ms=max(0.0, wall_ms - busy), matrix_tflops=flops / matrix / 1e9 if matrix else 0.0,
-                kinds=kernels, heaviest=[list(k) for k in heaviest])
+    flops_floor_ms = flops / matmul_tflops / 1e9
+    return dict(path=path, gflop=flops / 1e9, gb=work["unfused_bytes"] / 1e9, flops_floor_ms=flops_floor_ms,
+                unfused_ms=work["unfused_bytes"] / copy_gbs / 1e6,
+                step_floor_ms=flops_floor_ms + memory_floor_bytes(work) / copy_gbs / 1e6,
+                wall_ms=measured["wall_ms"], kernels_ms=busy, idle_ms=max(0.0, measured["wall_ms"] - busy),
+                launches=measured["launches"], matrix_tflops=flops / matrix / 1e9 if matrix else 0.0,
+                kinds=kernels, heaviest=[list(k) for k in measured["heaviest"]])
 
 
 def heaviest_text(heaviest, scale=1.0):
@@ -150,12 +183,16 @@ def heaviest_text(heaviest, scale=1.0):
 
 def markdown(variant, rows, ceiling):
     kinds = [kind for kind, _ in KINDS]
-    header = [f"{variant} path", "GFLOP/step", "GB/step unfused", "FLOPs floor ms", "bytes floor ms", "measured ms",
-              "conv+matmul+attention TFLOP/s", *(f"{k} ms" for k in kinds), "GPU idle ms"]
+    header = [f"{variant} path", "GFLOP/step", "GB/step unfused", "FLOPs floor ms", "unfused bytes ms",
+              "step floor ms", "measured ms", "conv+matmul+attention TFLOP/s", *(f"{k} ms" for k in kinds),
+              "GPU idle ms", "kernels/step"]
     cells = [[r["path"], f"{r['gflop']:,.0f}", f"{r['gb']:.1f}", f"{r['flops_floor_ms']:.1f}",
-              f"{r['bytes_floor_ms']:.1f}", f"{r['wall_ms']:.1f}", f"{r['matrix_tflops']:.0f}",
-              *(f"{r['kinds'].get(k, 0.0):.1f}" for k in kinds), f"{r['idle_ms']:.1f}"] for r in rows]
+              f"{r['unfused_ms']:.1f}", f"{r['step_floor_ms']:.1f}", f"{r['wall_ms']:.1f}",
+              f"{r['matrix_tflops']:.0f}", *(f"{r['kinds'].get(k, 0.0):.1f}" for k in kinds), f"{r['idle_ms']:.1f}",
+              f"{r['launches']:,.0f}"] for r in rows]
     lines = [f"Ceilings measured in this run: bf16 matrix product {ceiling[0]:.0f} TFLOP/s, copy {ceiling[1]:.0f} GB/s.",
+             "The step floor: the FLOPs floor, plus each GroupNorm's input and output once forward and its gradients "
+             "once backward, AdamW, the gradient norm and the EMA, at the copy ceiling (roofline.memory_floor_bytes).",
              "", markdown_table(header, cells),
              "", "The heaviest kernels outside the matrix products and attention, ms per step:"]
     lines += [f"- {r['path']}: " + "; ".join(heaviest_text(r["heaviest"])) for r in rows]

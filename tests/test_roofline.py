@@ -31,20 +31,32 @@ def test_kernels_are_sorted_by_kind(name, kind):
 
 def test_bytes_count_reads_and_writes_and_no_views():
     a = torch.randn(1000)
-    with roofline.ByteCounter() as counter:
+    with roofline.WorkCounter() as counter:
         b = a + a          # reads 2 x 4,000 bytes, writes 4,000
         b.view(10, 100)    # a view: nothing moves
-    assert counter.bytes == 12_000
+    assert counter.bytes == 12_000 and counter.norm_values == 0
 
 
 def test_bytes_of_a_forward_and_backward_include_the_weights_and_their_gradients():
     layer = torch.nn.Linear(256, 256)
     x = torch.randn(8, 256, requires_grad=True)  # as a hidden layer's input: its gradient reads the weight again
     step = lambda: layer(x).square().sum().backward()
-    moved = roofline.unfused_bytes(step)
+    work = roofline.step_work(step, list(layer.parameters()))
     weights = layer.weight.nbytes
-    assert moved > 3 * weights  # the weight read in the forward and the backward, its gradient written
-    assert moved < 20 * weights
+    assert work["unfused_bytes"] > 3 * weights  # the weight read in the forward and the backward, its gradient written
+    assert work["unfused_bytes"] < 20 * weights
+    assert work["trained_values"] == work["values"] == 256 * 257
+
+
+def test_the_step_floor_counts_every_groupnorm_and_only_the_trained_parameters():
+    norm, used, unused = torch.nn.GroupNorm(2, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    params = [*norm.parameters(), *used.parameters(), *unused.parameters()]
+    x = torch.randn(3, 4, 5, 5)
+    step = lambda: used(norm(x).mean((2, 3))).sum().backward()
+    work = roofline.step_work(step, params)
+    assert work["norm_values"] == x.numel()
+    assert work["trained_values"] == 8 + 20 and work["values"] == 8 + 40
+    assert roofline.memory_floor_bytes(work) == 10 * x.numel() + 32 * 28 + 12 * 48
 
 
 def test_kernel_names_are_shortened_to_what_tells_them_apart():
@@ -57,13 +69,15 @@ def test_kernel_names_are_shortened_to_what_tells_them_apart():
 def test_a_row_puts_work_against_the_ceilings():
     kernels = {"conv and matmul": 2.0, "attention": 0.5, "Inductor pointwise": 1.0}
     heaviest = [("triton_poi_fused_add_mul_silu_7", "Inductor pointwise", 0.6)]
-    r = roofline.row("64->64", flops=1e12, nbytes=4e9, kernels=kernels, wall_ms=4.0, heaviest=heaviest,
-                     ceiling=(1000.0, 4000.0))
-    assert r["flops_floor_ms"] == pytest.approx(1.0) and r["bytes_floor_ms"] == pytest.approx(1.0)
+    work = dict(unfused_bytes=4e9, norm_values=1e8, trained_values=1e7, values=2e7)  # floor: 1.56e9 bytes
+    measured = dict(kinds=kernels, wall_ms=4.0, launches=120, heaviest=heaviest)
+    r = roofline.row("64->64", flops=1e12, work=work, measured=measured, ceiling=(1000.0, 4000.0))
+    assert r["flops_floor_ms"] == pytest.approx(1.0) and r["unfused_ms"] == pytest.approx(1.0)
+    assert r["step_floor_ms"] == pytest.approx(1.0 + 1.56e9 / 4e12 * 1e3)
     assert r["kernels_ms"] == pytest.approx(3.5) and r["idle_ms"] == pytest.approx(0.5)
     assert r["matrix_tflops"] == pytest.approx(400.0)  # 1e12 FLOP in 2.5 ms of matrix and attention kernels
     table = roofline.markdown("ssd", [r], (1000.0, 4000.0))
-    assert "| 64->64 | 1,000 | 4.0 | 1.0 | 1.0 | 4.0 | 400 |" in table
+    assert "| 64->64 | 1,000 | 4.0 | 1.0 | 1.0 | 1.4 | 4.0 | 400 |" in table and table.count("| 0.5 | 120 |") == 1
     assert "- 64->64: triton_poi_fused_add_mul_silu_7 (Inductor pointwise) 0.60" in table
 
 
@@ -80,22 +94,26 @@ def test_a_whole_training_step_is_counted(tmp_path):
     step = lambda: train.train_step(run, cfg, x0, t)
     step()
     params = sum(p.nbytes for p in run.params)
-    assert roofline.unfused_bytes(step) > 10 * params  # AdamW alone reads and writes each parameter several times
+    work = roofline.step_work(step, run.params)
+    assert work["unfused_bytes"] > 10 * params  # AdamW alone reads and writes each parameter several times
+    assert 0 < work["trained_values"] <= work["values"] == params // 4 and work["norm_values"] > 0
 
 
 def test_the_bench_tables_read_every_field_the_bench_writes():
     """bench.markdown on results shaped as bench.py writes them, with sampling, the roofline and the batch search."""
     import bench
     path = dict(path="64->64", share=1.0, ms=80.0, images_per_s=1600.0, mfu=0.28, peak_mem_gb=2.0, reserved_gb=9.0)
-    where = roofline.row("64->64", 2e13, 3e10, {"conv and matmul": 50.0, "other": 5.0}, 80.0,
-                         [("at::native::elementwise_kernel", "other", 5.0)], (800.0, 4000.0))
+    work = dict(unfused_bytes=3e10, norm_values=1e9, trained_values=1e8, values=1e8)
+    measured = dict(kinds={"conv and matmul": 50.0, "other": 5.0}, wall_ms=80.0, launches=900,
+                    heaviest=[("at::native::elementwise_kernel", "other", 5.0)])
+    where = roofline.row("64->64", 2e13, work, measured, (800.0, 4000.0))
     train_row = dict(paths=[path], compile_s=3.0, ms_per_step=80.0, images_per_s=1600.0, tflops=270.0, mfu=0.28,
                      peak_mem_gb=2.0, reserved_gb=9.0, roofline=[where])
     sample_row = {"compile_s": 1.0, "100_steps_s": 10.0, "100_steps_flops": 3e15, "100_steps_mfu": 0.3,
                   "100_steps_floor_s": 2.5,
                   "fused_noise_s": 9.5,
                   "kernels_ms": {"attention": 900.0, "conv and matmul": 5100.0},
-                  "wall_ms": 10_000.0, "heaviest": [["triton_red_fused_native_group_norm_0", "Inductor reductions",
+                  "wall_ms": 10_000.0, "launches": 52_000, "heaviest": [["triton_red_fused_native_group_norm_0", "Inductor reductions",
                                                      420.0]]}
     results = dict(device="GPU", date="2026-12-02", command="python bench.py", ceilings=dict(matmul_tflops=800.0,
                    copy_gbs=4000.0), variants={"ssd": dict(train=train_row, sample=sample_row, max_batch=256),
@@ -104,7 +122,8 @@ def test_the_bench_tables_read_every_field_the_bench_writes():
     args = type("Args", (), dict(res=64, levels=4, sample_steps=[100], sample_batch=250))
     table = bench.markdown(results, args)
     assert "| ssd | 80.0 | 1600 | 270 | 28.0% | 2.0 | 9.0 | 10.0 (30%) |" in table
-    assert "10.00 s, of which GPU kernels by kind (s): conv and matmul 5.10, attention 0.90" in table
+    assert ("10.00 s, of which GPU kernels by kind (s): conv and matmul 5.10, attention 0.90; the GPU idle 4.00 s, "
+            "around 52,000 kernels") in table
     assert "matrix products and attention ran at 500 TFLOP/s" in table  # 3e15 FLOPs (30% MFU for 10 s) in 6 s
     assert "| 64->64 | 20,000 | 30.0 |" in table and "Largest training batch per GPU" in table
     assert "- 64->64: at::native::elementwise_kernel (other) 5.00" in table
