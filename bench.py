@@ -140,8 +140,8 @@ def sampling_roofline(run, args):
     """Where the first chain's time goes: every kernel of one chain under the profiler, summed by kind."""
     chain = lambda: sampling_chain(run, args.sample_batch, args.sample_steps[0])
     measured = roofline.kernel_times(chain, steps=1)
-    return dict(kernels_ms=measured["kinds"], wall_ms=measured["wall_ms"], launches=measured["launches"],
-                heaviest=measured["heaviest"])
+    return dict(kernels_ms=measured["kinds"], wall_ms=measured["wall_ms"], host_ms=measured["host_ms"],
+                launches=measured["launches"], heaviest=measured["heaviest"])
 
 
 def largest_batch(run, cfg, data, limit=4096, granularity=8):
@@ -218,7 +218,8 @@ def markdown(results, args):
             idle_s = max(0.0, r["sample"]["wall_ms"] - sum(kernels.values())) / 1000
             lines += ["", f"{name}, sampling {args.sample_batch} images with {args.sample_steps[0]} steps: "
                           f"{r['sample']['wall_ms'] / 1000:.2f} s, of which GPU kernels by kind (s): {kinds}; "
-                          f"the GPU idle {idle_s:.2f} s, around {r['sample']['launches']:,.0f} kernels"]
+                          f"the GPU idle {idle_s:.2f} s, around {r['sample']['launches']:,.0f} kernels; the host "
+                          f"issued them in {r['sample']['host_ms'] / 1000:.2f} s"]
             matrix_s = (kernels.get("conv and matmul", 0.0) + kernels.get("attention", 0.0)) / 1e3
             tflops = r["sample"][f"{args.sample_steps[0]}_steps_flops"] / matrix_s / 1e12
             lines += ["", f"Its convolutions, matrix products and attention ran at {tflops:.0f} TFLOP/s: the chain's "

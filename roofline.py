@@ -10,11 +10,13 @@ kernels take by kind. bench.py --roofline True measures it and writes the table 
   floor: the FLOPs floor plus the memory traffic that no fusion removes (memory_floor_bytes) at the copy ceiling.
 - Measured: a few profiled steps, their GPU kernels sorted by kind (KINDS), per step; "GPU idle" is the step's wall
   time less its kernels' time: the GPU waiting for the host to issue work, or for the next kernel to start (a few
-  microseconds each, also within a CUDA graph, so it grows with the kernels a step launches). The heaviest kernels
+  microseconds each, also within a CUDA graph, so it grows with the kernels a step launches). The host's time to
+  issue a step tells the two apart: far below the wall time, the host is ahead of the GPU. The heaviest kernels
   outside the matrix products and attention are named: the memory traffic that is left to fuse or remove.
 """
 import re
 import statistics
+import time
 from collections import defaultdict
 
 import torch
@@ -136,9 +138,15 @@ def short_name(name, width=70):
 
 def kernel_times(step, steps=3, heaviest=8):
     """step()'s GPU time per step: milliseconds of its CUDA kernels by kind ("kinds"), its wall time ("wall_ms"),
-    the kernels it launches ("launches") and the `heaviest` kernels outside the matrix products and attention as
-    (name, kind, ms per step)."""
+    the host's time to issue it ("host_ms": as long as the wall time when the GPU waits for the host, or when the
+    host waits for the GPU's queue to drain), the kernels it launches ("launches") and the `heaviest` kernels outside
+    the matrix products and attention as (name, kind, ms per step)."""
     step()
+    torch.cuda.synchronize()
+    issued = time.perf_counter()
+    for _ in range(steps):
+        step()
+    host_ms = (time.perf_counter() - issued) / steps * 1000
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -156,8 +164,8 @@ def kernel_times(step, steps=3, heaviest=8):
             launches += 1
     memory_bound = sorted(((name, kind, ms) for (name, kind), ms in named.items()
                            if kind not in ("conv and matmul", "attention")), key=lambda k: -k[2])
-    return dict(kinds=dict(times), wall_ms=start.elapsed_time(end) / steps, launches=launches / steps,
-                heaviest=memory_bound[:heaviest])
+    return dict(kinds=dict(times), wall_ms=start.elapsed_time(end) / steps, host_ms=host_ms,
+                launches=launches / steps, heaviest=memory_bound[:heaviest])
 
 
 def row(path, flops, work, measured, ceiling):
@@ -172,7 +180,7 @@ def row(path, flops, work, measured, ceiling):
                 unfused_ms=work["unfused_bytes"] / copy_gbs / 1e6,
                 step_floor_ms=flops_floor_ms + memory_floor_bytes(work) / copy_gbs / 1e6,
                 wall_ms=measured["wall_ms"], kernels_ms=busy, idle_ms=max(0.0, measured["wall_ms"] - busy),
-                launches=measured["launches"], matrix_tflops=flops / matrix / 1e9 if matrix else 0.0,
+                host_ms=measured["host_ms"], launches=measured["launches"], matrix_tflops=flops / matrix / 1e9 if matrix else 0.0,
                 kinds=kernels, heaviest=[list(k) for k in measured["heaviest"]])
 
 
@@ -185,11 +193,11 @@ def markdown(variant, rows, ceiling):
     kinds = [kind for kind, _ in KINDS]
     header = [f"{variant} path", "GFLOP/step", "GB/step unfused", "FLOPs floor ms", "unfused bytes ms",
               "step floor ms", "measured ms", "conv+matmul+attention TFLOP/s", *(f"{k} ms" for k in kinds),
-              "GPU idle ms", "kernels/step"]
+              "GPU idle ms", "kernels/step", "host ms"]
     cells = [[r["path"], f"{r['gflop']:,.0f}", f"{r['gb']:.1f}", f"{r['flops_floor_ms']:.1f}",
               f"{r['unfused_ms']:.1f}", f"{r['step_floor_ms']:.1f}", f"{r['wall_ms']:.1f}",
               f"{r['matrix_tflops']:.0f}", *(f"{r['kinds'].get(k, 0.0):.1f}" for k in kinds), f"{r['idle_ms']:.1f}",
-              f"{r['launches']:,.0f}"] for r in rows]
+              f"{r['launches']:,.0f}", f"{r['host_ms']:.1f}"] for r in rows]
     lines = [f"Ceilings measured in this run: bf16 matrix product {ceiling[0]:.0f} TFLOP/s, copy {ceiling[1]:.0f} GB/s.",
              "The step floor: the FLOPs floor, plus each GroupNorm's input and output once forward and its gradients "
              "once backward, AdamW, the gradient norm and the EMA, at the copy ceiling (roofline.memory_floor_bytes).",

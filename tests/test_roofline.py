@@ -70,14 +70,14 @@ def test_a_row_puts_work_against_the_ceilings():
     kernels = {"conv and matmul": 2.0, "attention": 0.5, "Inductor pointwise": 1.0}
     heaviest = [("triton_poi_fused_add_mul_silu_7", "Inductor pointwise", 0.6)]
     work = dict(unfused_bytes=4e9, norm_values=1e8, trained_values=1e7, values=2e7)  # floor: 1.56e9 bytes
-    measured = dict(kinds=kernels, wall_ms=4.0, launches=120, heaviest=heaviest)
+    measured = dict(kinds=kernels, wall_ms=4.0, host_ms=1.5, launches=120, heaviest=heaviest)
     r = roofline.row("64->64", flops=1e12, work=work, measured=measured, ceiling=(1000.0, 4000.0))
     assert r["flops_floor_ms"] == pytest.approx(1.0) and r["unfused_ms"] == pytest.approx(1.0)
     assert r["step_floor_ms"] == pytest.approx(1.0 + 1.56e9 / 4e12 * 1e3)
     assert r["kernels_ms"] == pytest.approx(3.5) and r["idle_ms"] == pytest.approx(0.5)
     assert r["matrix_tflops"] == pytest.approx(400.0)  # 1e12 FLOP in 2.5 ms of matrix and attention kernels
     table = roofline.markdown("ssd", [r], (1000.0, 4000.0))
-    assert "| 64->64 | 1,000 | 4.0 | 1.0 | 1.0 | 1.4 | 4.0 | 400 |" in table and table.count("| 0.5 | 120 |") == 1
+    assert "| 64->64 | 1,000 | 4.0 | 1.0 | 1.0 | 1.4 | 4.0 | 400 |" in table and table.count("| 0.5 | 120 | 1.5 |") == 1
     assert "- 64->64: triton_poi_fused_add_mul_silu_7 (Inductor pointwise) 0.60" in table
 
 
@@ -104,7 +104,7 @@ def test_the_bench_tables_read_every_field_the_bench_writes():
     import bench
     path = dict(path="64->64", share=1.0, ms=80.0, images_per_s=1600.0, mfu=0.28, peak_mem_gb=2.0, reserved_gb=9.0)
     work = dict(unfused_bytes=3e10, norm_values=1e9, trained_values=1e8, values=1e8)
-    measured = dict(kinds={"conv and matmul": 50.0, "other": 5.0}, wall_ms=80.0, launches=900,
+    measured = dict(kinds={"conv and matmul": 50.0, "other": 5.0}, wall_ms=80.0, host_ms=20.0, launches=900,
                     heaviest=[("at::native::elementwise_kernel", "other", 5.0)])
     where = roofline.row("64->64", 2e13, work, measured, (800.0, 4000.0))
     train_row = dict(paths=[path], compile_s=3.0, ms_per_step=80.0, images_per_s=1600.0, tflops=270.0, mfu=0.28,
@@ -113,7 +113,7 @@ def test_the_bench_tables_read_every_field_the_bench_writes():
                   "100_steps_floor_s": 2.5,
                   "fused_noise_s": 9.5,
                   "kernels_ms": {"attention": 900.0, "conv and matmul": 5100.0},
-                  "wall_ms": 10_000.0, "launches": 52_000, "heaviest": [["triton_red_fused_native_group_norm_0", "Inductor reductions",
+                  "wall_ms": 10_000.0, "host_ms": 3_000.0, "launches": 52_000, "heaviest": [["triton_red_fused_native_group_norm_0", "Inductor reductions",
                                                      420.0]]}
     results = dict(device="GPU", date="2026-12-02", command="python bench.py", ceilings=dict(matmul_tflops=800.0,
                    copy_gbs=4000.0), variants={"ssd": dict(train=train_row, sample=sample_row, max_batch=256),
@@ -123,7 +123,7 @@ def test_the_bench_tables_read_every_field_the_bench_writes():
     table = bench.markdown(results, args)
     assert "| ssd | 80.0 | 1600 | 270 | 28.0% | 2.0 | 9.0 | 10.0 (30%) |" in table
     assert ("10.00 s, of which GPU kernels by kind (s): conv and matmul 5.10, attention 0.90; the GPU idle 4.00 s, "
-            "around 52,000 kernels") in table
+            "around 52,000 kernels; the host issued them in 3.00 s") in table
     assert "matrix products and attention ran at 500 TFLOP/s" in table  # 3e15 FLOPs (30% MFU for 10 s) in 6 s
     assert "| 64->64 | 20,000 | 30.0 |" in table and "Largest training batch per GPU" in table
     assert "- 64->64: at::native::elementwise_kernel (other) 5.00" in table
