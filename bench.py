@@ -212,9 +212,8 @@ def markdown(results, args):
                           f"made by one kernel (ssd.fused_box_muller): {r['sample']['fused_noise_s']:.2f} s, against "
                           f"{r['sample'][f'{args.sample_steps[0]}_steps_s']:.2f} s"]
         if "kernels_ms" in r.get("sample", {}):
-            kinds = ", ".join(f"{kind} {ms / 1000:.2f}" for kind, ms in sorted(r["sample"]["kernels_ms"].items(),
-                                                                              key=lambda kv: -kv[1]))
             kernels = r["sample"]["kernels_ms"]
+            kinds = ", ".join(f"{kind} {ms / 1000:.2f}" for kind, ms in sorted(kernels.items(), key=lambda kv: -kv[1]))
             idle_s = max(0.0, r["sample"]["wall_ms"] - sum(kernels.values())) / 1000
             lines += ["", f"{name}, sampling {args.sample_batch} images with {args.sample_steps[0]} steps: "
                           f"{r['sample']['wall_ms'] / 1000:.2f} s, of which GPU kernels by kind (s): {kinds}; "

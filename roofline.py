@@ -180,8 +180,9 @@ def row(path, flops, work, measured, ceiling):
                 unfused_ms=work["unfused_bytes"] / copy_gbs / 1e6,
                 step_floor_ms=flops_floor_ms + memory_floor_bytes(work) / copy_gbs / 1e6,
                 wall_ms=measured["wall_ms"], kernels_ms=busy, idle_ms=max(0.0, measured["wall_ms"] - busy),
-                host_ms=measured["host_ms"], launches=measured["launches"], matrix_tflops=flops / matrix / 1e9 if matrix else 0.0,
-                kinds=kernels, heaviest=[list(k) for k in measured["heaviest"]])
+                host_ms=measured["host_ms"], launches=measured["launches"],
+                matrix_tflops=flops / matrix / 1e9 if matrix else 0.0, kinds=kernels,
+                heaviest=[list(k) for k in measured["heaviest"]])
 
 
 def heaviest_text(heaviest, scale=1.0):

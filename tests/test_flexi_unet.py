@@ -152,7 +152,7 @@ def test_a_channels_last_model_compiles_every_block_with_the_layout_forced(monke
 
 
 @pytest.mark.parametrize("flexi", [True, False])
-def test_compilation_covers_every_block_and_downsample_once(monkeypatch, flexi):
+def test_compilation_covers_every_region_once(monkeypatch, flexi):
     """The residual, attention and upsampling blocks, the downsamples and the head are compiled; no module inside
     another region is compiled twice."""
     compiled = []

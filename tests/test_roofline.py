@@ -113,8 +113,8 @@ def test_the_bench_tables_read_every_field_the_bench_writes():
                   "100_steps_floor_s": 2.5,
                   "fused_noise_s": 9.5,
                   "kernels_ms": {"attention": 900.0, "conv and matmul": 5100.0},
-                  "wall_ms": 10_000.0, "host_ms": 3_000.0, "launches": 52_000, "heaviest": [["triton_red_fused_native_group_norm_0", "Inductor reductions",
-                                                     420.0]]}
+                  "wall_ms": 10_000.0, "host_ms": 3_000.0, "launches": 52_000,
+                  "heaviest": [["triton_red_fused_native_group_norm_0", "Inductor reductions", 420.0]]}
     results = dict(device="GPU", date="2026-12-02", command="python bench.py", ceilings=dict(matmul_tflops=800.0,
                    copy_gbs=4000.0), variants={"ssd": dict(train=train_row, sample=sample_row, max_batch=256),
                                                "full": dict(train=dict(train_row, roofline=[]))})
