@@ -130,10 +130,23 @@ def memory_floor_bytes(work):
             + EMA_BYTES * work["values"])
 
 
+# ATen's launch machinery, which names no operation: an ATen kernel's operation is the first other ATen name in its
+# template arguments (direct_copy_kernel_cuda, FillFunctor, MulFunctor, sum_functor, FusedAdamMathFunctor).
+ATEN_MACHINERY = {"gpu_kernel_impl", "gpu_kernel_impl_nocast", "BinaryFunctor", "AUnaryFunctor", "BUnaryFunctor",
+                  "TensorListMetadata", "ReduceOp", "func_wrapper_t"}
+
+
 def short_name(name, width=70):
-    """A kernel's name without its return type, template arguments and parameters: what tells kernels apart."""
-    name = re.sub(r"^void ", "", name)
-    return re.split(r"[<(]", name, maxsplit=1)[0][:width] or name[:width]
+    """A kernel's name without its return type, template arguments and parameters: what tells kernels apart. An ATen
+    kernel keeps the operation it runs, in brackets."""
+    name = re.sub(r"^void |\(anonymous namespace\)::", "", name)
+    short = re.split(r"[<(]", name, maxsplit=1)[0][:width] or name[:width]
+    if short.startswith("at::native::"):
+        operations = re.findall(r"at::native::(?:\w+::)*(\w+)", name)[1:]  # [0]: the kernel's own name
+        operation = next((o for o in operations if o not in ATEN_MACHINERY), None)
+        if operation:
+            short = f"{short} [{operation}]"
+    return short
 
 
 def kernel_times(step, steps=3, heaviest=8):

@@ -62,6 +62,18 @@ def test_the_step_floor_counts_every_groupnorm_and_only_the_trained_parameters()
 def test_kernel_names_are_shortened_to_what_tells_them_apart():
     assert roofline.short_name("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl<...>>(int, "
                                "float)") == "at::native::elementwise_kernel"
+    # An ATen kernel keeps the operation in its template arguments: which eager pass launched it.
+    copy = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+            "direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}::operator()() const::{lambda(c10::BFloat16)"
+            "#1}>(at::TensorIteratorBase&, ...)::{lambda(int)#1}>(int, at::native::gpu_kernel_impl_nocast<>)")
+    assert roofline.short_name(copy) == "at::native::elementwise_kernel [direct_copy_kernel_cuda]"
+    mul = ("void at::native::vectorized_elementwise_kernel<4, at::native::BinaryFunctor<float, float, float, "
+           "at::native::binary_internal::MulFunctor<float> >, std::array<char*, 3ul> >(int, ...)")
+    assert roofline.short_name(mul) == "at::native::vectorized_elementwise_kernel [MulFunctor]"
+    adam = ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+            "TensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4>, float*>(...)")
+    assert roofline.short_name(adam) == "at::native::multi_tensor_apply_kernel [FusedAdamMathFunctor]"
+    assert roofline.kernel_kind(adam) == "optimiser and EMA"
     assert roofline.short_name("triton_poi_fused_add_mul_silu_7") == "triton_poi_fused_add_mul_silu_7"
     assert roofline.short_name("Memcpy DtoD (Device -> Device)") == "Memcpy DtoD "
 
