@@ -38,7 +38,8 @@ from ssd import seeded_noise
 
 VARIANTS = {"ssd": [], "flexi1": ["--levels", "1"], "full": ["--method", "ddpm_x0"], "msf": ["--method", "msf"]}
 SUFFIXES = {"eager": ["--compile", "False"], "nograph": ["--cuda_graphs", "False"],
-            "nchw": ["--channels_last", "False"], "paperattn": ["--qk_norm", "False"],
+            "nchw": ["--channels_last", "False"], "catskip": ["--dense_skip_grads", "False"],
+            "paperattn": ["--qk_norm", "False"],
             "fp32attn": ["--qk_norm", "False", "--attention_fp32", "True"]}
 
 

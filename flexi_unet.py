@@ -226,7 +226,10 @@ class Head(nn.Sequential):
 
 
 class Block(nn.Module):
-    """One ADM stage: a residual block, then attention and an upsample where the level calls for them."""
+    """One ADM stage: a residual block, then attention and an upsample where the level calls for them. A decoder
+    block joins its skip with JoinSkip, or with torch.cat when dense_skip_grads is False (UNet.compile_blocks)."""
+
+    dense_skip_grads = True
 
     def __init__(self, in_ch, out_ch, emb_ch, cfg, attention, upsample=False):
         super().__init__()
@@ -237,7 +240,7 @@ class Block(nn.Module):
 
     def forward(self, x, emb, skip=None):
         if skip is not None:  # a decoder block joins its skip here, inside its compiled graph (UNet.compile_blocks)
-            x = JoinSkip.apply(x, skip)
+            x = JoinSkip.apply(x, skip) if self.dense_skip_grads else torch.cat([x, skip], dim=1)
         return self.up(self.attn(self.res(x, emb)))
 
 
@@ -310,9 +313,9 @@ class UNet(nn.Module):
         self.head = Head(cfg.norm_groups, widths[0], cfg.in_channels)
         self.graphs = None  # recorded sampling forwards, once record_graphs() is called
 
-    def compile_blocks(self, **options):
+    def compile_blocks(self, dense_skip_grads=True, **options):
         """Regional compilation: torch.compile each block (residual block, attention, upsample; a downsample; the
-        head) on its own.
+        head) on its own. dense_skip_grads: decoder skips joined by JoinSkip, else by torch.cat.
 
         A block always runs at its own level's resolution, whatever the path, so the blocks compile once each and
         every (input, output) path reuses them; blocks of the same shapes share one compiled graph. Compiling the
@@ -329,6 +332,9 @@ class UNet(nn.Module):
             # so cuDNN would convert to channels-last and back around those convolutions. Forced, every graph keeps
             # the model's channels-last layout.
             options["options"] = {"force_layout_optimization": True}
+        for module in self.modules():
+            if isinstance(module, Block):
+                module.dense_skip_grads = dense_skip_grads
         for module in self.regions():
             module.compile(dynamic=False, **options)  # options: torch.compile's (tests use a fast backend)
         return self

@@ -101,6 +101,8 @@ SETTINGS = {
         ("compile", None, "torch.compile the UNet block by block (None: on CUDA)"),
         ("cuda_graphs", None, "replay small paths as CUDA graphs (None: on CUDA without dropout)"),
         ("channels_last", None, "channels-last memory layout (None: on CUDA)"),
+        ("dense_skip_grads", True, "compiled decoder blocks join their skips with flexi_unet.JoinSkip; False: "
+                                   "torch.cat"),
         ("bf16", None, "bf16 autocast (None: on CUDA); False trains in float32 with TF32 matrix products"),
         ("seed", 0, "initial weights, batches, steps and noise"),
     ],
@@ -266,7 +268,7 @@ def build_run(cfg, data, rank=0, world=1, device=torch.device("cpu")):
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # eval: no dropout in samples
     if cfg["compile"]:
-        model.compile_blocks()  # regional compilation: every path reuses the compiled blocks
+        model.compile_blocks(cfg["dense_skip_grads"])  # regional compilation: every path reuses the compiled blocks
     seed = cfg["seed"]
     gens = dict(shared=torch.Generator().manual_seed(seed), local=torch.Generator().manual_seed(seed + 1 + rank),
                 noise=torch.Generator(device).manual_seed(seed + 10_000 + rank))

@@ -95,6 +95,7 @@ def test_bench_variants_are_train_py_settings(tmp_path):
     assert (cfg["levels"], cfg["cuda_graphs"], cfg["qk_norm"], cfg["batch_size"]) == (4, False, False, 128)
     assert bench.variant_config(args, "full", str(tmp_path))["method"] == "ddpm_x0"
     assert bench.variant_config(args, "ssd-nchw", str(tmp_path))["channels_last"] is False  # True on CUDA otherwise
+    assert bench.variant_config(args, "ssd-catskip", str(tmp_path))["dense_skip_grads"] is False
     with pytest.raises(SystemExit, match="unknown variant 'ssd-fast'"):
         bench.variant_config(args, "ssd-fast", str(tmp_path))
 
