@@ -94,9 +94,9 @@ class MSF(nn.Module):
         self.base, self.residual = UNet(base_config), UNet(residual_config)
         self.down, self.up = factorisation(self.res, self.factor)
 
-    def compile_blocks(self):
-        self.base.compile_blocks()
-        self.residual.compile_blocks()
+    def compile_blocks(self, **options):
+        self.base.compile_blocks(**options)
+        self.residual.compile_blocks(**options)
         return self
 
     def record_graphs(self):

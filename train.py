@@ -268,7 +268,8 @@ def build_run(cfg, data, rank=0, world=1, device=torch.device("cpu")):
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # eval: no dropout in samples
     if cfg["compile"]:
-        model.compile_blocks(cfg["dense_skip_grads"])  # regional compilation: every path reuses the compiled blocks
+        # regional compilation: every path reuses the compiled blocks
+        model.compile_blocks(dense_skip_grads=cfg["dense_skip_grads"])
     seed = cfg["seed"]
     gens = dict(shared=torch.Generator().manual_seed(seed), local=torch.Generator().manual_seed(seed + 1 + rank),
                 noise=torch.Generator(device).manual_seed(seed + 10_000 + rank))

@@ -17,7 +17,7 @@ from PIL import Image
 import common
 import train
 from data import ImageData, get_batch, load_dataset
-from flexi_unet import memory_format
+from flexi_unet import Block, memory_format
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--res", "16", "--levels", "2", "--batch_size", "8", "--sample_n", "4", "--sample_steps", "5"]
@@ -171,6 +171,16 @@ def test_msf_method_trains_and_resumes_exactly(tmp_path, cache_dir):
     assert all(set(r["loss_per_path"]) == {"msf"} and math.isfinite(r["loss"]) for r in read_log(tmp_path / "straight"))
     with pytest.raises(ValueError, match="other configuration.*method: checkpoint 'msf' vs now 'ssd'"):
         fit(tmp_path / "straight", cache_dir, "--max_steps", "4", "--resume", "True")  # an SSD run cannot resume it
+
+
+@pytest.mark.parametrize("method", ["ssd", "ddpm_x0", "msf"])
+def test_every_method_builds_compiled_with_the_compile_settings(tmp_path, cache_dir, method):
+    """--compile True hands the compile settings to every method's model (compilation itself waits for a forward)."""
+    levels = ["--levels", "1"] if method != "ssd" else []
+    _, _, run = tiny_run(tmp_path, cache_dir, "--method", method, *levels, "--compile", "True",
+                         "--dense_skip_grads", "False")
+    blocks = [m for m in run.model.modules() if isinstance(m, Block)]
+    assert blocks and not any(m.dense_skip_grads for m in blocks)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
