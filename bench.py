@@ -10,8 +10,8 @@ in one run on one GPU. Training times train.py's own step (train.train_step) on 
 Variants: "ssd" (the Flexi-UNet with L levels), "flexi1" (the same network at one level), "full" (the ADM UNet at
 full resolution, DDPM-x0) and "msf" (msf.py), each with optional suffixes that turn one thing off or on: -eager (no
 torch.compile), -nograph (no CUDA graphs, in training or sampling), -nchw (training and sampling in the
-channels-first layout, not channels-last), -paperattn (the paper's attention, no QK-norm), -fp32attn (the paper's
-attention in float32). Training time is measured per path and averaged with the share of batches each path gets
+channels-first layout, not channels-last), -catskip (decoder skips joined by torch.cat, not flexi_unet.JoinSkip),
+-paperattn (the paper's attention, no QK-norm), -fp32attn (the paper's attention in float32). Training time is measured per path and averaged with the share of batches each path gets
 (methods.py); compilation and warm-up are excluded, CUDA is synchronised, and each figure is the median of several
 repeats. The GPU's ceilings (a large bf16 matrix product, a large copy) are measured first; each sampling time comes
 with its floor, its FLOPs at that ceiling. Memory: "peak GB" is the most allocated at once; with CUDA graphs the
