@@ -39,6 +39,7 @@ from ssd import seeded_noise
 VARIANTS = {"ssd": [], "flexi1": ["--levels", "1"], "full": ["--method", "ddpm_x0"], "msf": ["--method", "msf"]}
 SUFFIXES = {"eager": ["--compile", "False"], "nograph": ["--cuda_graphs", "False"],
             "nchw": ["--channels_last", "False"], "catskip": ["--dense_skip_grads", "False"],
+            "nativenorm": ["--per_channel_norm", "False"],
             "paperattn": ["--qk_norm", "False"],
             "fp32attn": ["--qk_norm", "False", "--attention_fp32", "True"]}
 
@@ -115,7 +116,7 @@ def bench_sampling(run, cfg, args, peak, ceiling):
     chain's FLOPs alone would take at the measured matrix-product ceiling, the least that faster kernels could reach."""
     n = args.sample_batch
     seconds = sample.speed_up(run.method, run.ema, n, compile=cfg["compile"], graphs=cfg["cuda_graphs"],
-                               channels_last=cfg["channels_last"])
+                               channels_last=cfg["channels_last"], per_channel_norm=cfg["per_channel_norm"])
     torch.cuda.synchronize()
     results = dict(compile_s=seconds or 0.0)
     for steps in args.sample_steps:

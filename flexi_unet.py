@@ -130,15 +130,44 @@ def timestep_embedding(t, dim):
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm, written for torch.compile from per-channel statistics.
+
+    In a channels-last activation a group's values are a few channels per pixel, strided across the whole tensor.
+    Compiled for CUDA, torch's GroupNorm reshapes its input to (batch, groups, channels per group, pixels), so its
+    output is channels-first, and the convolution after it converts between the two formats in its backward. Reducing
+    over the pixels of each channel instead reads whole rows of channels at once and keeps the input's layout; the
+    group's mean and variance follow exactly from its channels': the mean of their means, and the mean of their
+    variances plus the variance of their means. Eager runs keep the native kernel, and so do
+    compiled ones with per_channel False (UNet.compile_blocks). Statistics and output in fp32, as autocast runs
+    GroupNorm."""
+
+    per_channel = True
+
+    def forward(self, x):
+        if not (self.per_channel and torch.compiler.is_compiling()):
+            return super().forward(x)
+        x = x.float()
+        pixels = tuple(range(2, x.dim()))
+        var_c, mean_c = (s.unflatten(1, (self.num_groups, -1))
+                         for s in torch.var_mean(x, dim=pixels, correction=0, keepdim=True))
+        mean = mean_c.mean(2, keepdim=True)
+        var = var_c.mean(2, keepdim=True) + (mean_c - mean).square().mean(2, keepdim=True)
+        per_channel = lambda group_stat: group_stat.expand_as(mean_c).flatten(1, 2)  # (B, G, 1..) -> (B, C, 1..)
+        shape = (-1,) + (1,) * len(pixels)
+        return (x - per_channel(mean)) * per_channel(torch.rsqrt(var + self.eps)) * self.weight.view(shape) \
+            + self.bias.view(shape)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, then scale-shift norm (FiLM) from the embedding, SiLU, dropout, zero conv; plus skip."""
 
     def __init__(self, in_ch, out_ch, emb_ch, groups, dropout):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.norm1 = GroupNorm(groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.film = nn.Linear(emb_ch, 2 * out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.norm2 = GroupNorm(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
@@ -161,7 +190,7 @@ class Attention(nn.Module):
     def __init__(self, ch, heads, groups, qk_norm=False, fp32=False):
         super().__init__()
         self.heads, self.fp32 = heads, fp32
-        self.norm = nn.GroupNorm(groups, ch)
+        self.norm = GroupNorm(groups, ch)
         self.qkv = nn.Linear(ch, 3 * ch)
         self.proj = zero_init(nn.Linear(ch, ch))
         self.q_gain = nn.Parameter(torch.ones(ch // heads)) if qk_norm else None
@@ -219,7 +248,7 @@ class Head(nn.Sequential):
     defined here, not inherited, so that torch.compile traces it (see UNet.compile_blocks)."""
 
     def __init__(self, groups, ch, out_ch):
-        super().__init__(nn.GroupNorm(groups, ch), nn.SiLU(), zero_init(nn.Conv2d(ch, out_ch, 3, padding=1)))
+        super().__init__(GroupNorm(groups, ch), nn.SiLU(), zero_init(nn.Conv2d(ch, out_ch, 3, padding=1)))
 
     def forward(self, x):
         return super().forward(x)
@@ -313,9 +342,10 @@ class UNet(nn.Module):
         self.head = Head(cfg.norm_groups, widths[0], cfg.in_channels)
         self.graphs = None  # recorded sampling forwards, once record_graphs() is called
 
-    def compile_blocks(self, dense_skip_grads=True, **options):
+    def compile_blocks(self, dense_skip_grads=True, per_channel_norm=True, **options):
         """Regional compilation: torch.compile each block (residual block, attention, upsample; a downsample; the
-        head) on its own. dense_skip_grads: decoder skips joined by JoinSkip, else by torch.cat.
+        head) on its own. dense_skip_grads: decoder skips joined by JoinSkip, else by torch.cat. per_channel_norm:
+        GroupNorm from per-channel statistics (see GroupNorm), else torch's own.
 
         A block always runs at its own level's resolution, whatever the path, so the blocks compile once each and
         every (input, output) path reuses them; blocks of the same shapes share one compiled graph. Compiling the
@@ -335,6 +365,8 @@ class UNet(nn.Module):
         for module in self.modules():
             if isinstance(module, Block):
                 module.dense_skip_grads = dense_skip_grads
+            if isinstance(module, GroupNorm):
+                module.per_channel = per_channel_norm
         for module in self.regions():
             module.compile(dynamic=False, **options)  # options: torch.compile's (tests use a fast backend)
         return self

@@ -103,6 +103,8 @@ SETTINGS = {
         ("channels_last", None, "channels-last memory layout (None: on CUDA)"),
         ("dense_skip_grads", True, "compiled decoder blocks join their skips with flexi_unet.JoinSkip; False: "
                                    "torch.cat"),
+        ("per_channel_norm", True, "compiled GroupNorm from per-channel statistics (flexi_unet.GroupNorm); False: "
+                                   "torch's own"),
         ("bf16", None, "bf16 autocast (None: on CUDA); False trains in float32 with TF32 matrix products"),
         ("seed", 0, "initial weights, batches, steps and noise"),
     ],
@@ -269,7 +271,7 @@ def build_run(cfg, data, rank=0, world=1, device=torch.device("cpu")):
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # eval: no dropout in samples
     if cfg["compile"]:
         # regional compilation: every path reuses the compiled blocks
-        model.compile_blocks(dense_skip_grads=cfg["dense_skip_grads"])
+        model.compile_blocks(dense_skip_grads=cfg["dense_skip_grads"], per_channel_norm=cfg["per_channel_norm"])
     seed = cfg["seed"]
     gens = dict(shared=torch.Generator().manual_seed(seed), local=torch.Generator().manual_seed(seed + 1 + rank),
                 noise=torch.Generator(device).manual_seed(seed + 10_000 + rank))
