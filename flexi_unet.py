@@ -138,9 +138,8 @@ class GroupNorm(nn.GroupNorm):
     output is channels-first, and the convolution after it converts between the two formats in its backward. Reducing
     over the pixels of each channel instead reads whole rows of channels at once and keeps the input's layout; the
     group's mean and variance follow exactly from its channels': the mean of their means, and the mean of their
-    variances plus the variance of their means. Eager runs keep the native kernel, and so do
-    compiled ones with per_channel False (UNet.compile_blocks). Statistics and output in fp32, as autocast runs
-    GroupNorm."""
+    variances plus the variance of their means. Eager runs keep the native kernel, and so do compiled ones with
+    per_channel False (UNet.compile_blocks). Statistics and output in fp32, as autocast runs GroupNorm."""
 
     per_channel = True
 

@@ -125,7 +125,7 @@ def test_regional_compilation_gives_eager_outputs_and_gradients_on_every_path(de
     model computes, forward and backward, whatever order the paths come in; skips joined by JoinSkip or torch.cat."""
     torch._dynamo.reset()
     eager = randomized(UNet(tiny_config(16, 3)))
-    compiled = copy.deepcopy(eager).compile_blocks(dense_skip_grads, backend="aot_eager")
+    compiled = copy.deepcopy(eager).compile_blocks(dense_skip_grads=dense_skip_grads, backend="aot_eager")
     assert all(m.dense_skip_grads is dense_skip_grads for m in compiled.modules() if isinstance(m, Block))
     for in_res, out_res in [(16, 16), (8, 8), (4, 8), (16, 16), (8, 16), (4, 4), (8, 16)]:
         x, t = torch.randn(2, 3, in_res, in_res), torch.randint(0, 1000, (2,))

@@ -17,7 +17,7 @@ from PIL import Image
 import common
 import train
 from data import ImageData, get_batch, load_dataset
-from flexi_unet import Block, memory_format
+from flexi_unet import Block, GroupNorm, memory_format
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--res", "16", "--levels", "2", "--batch_size", "8", "--sample_n", "4", "--sample_steps", "5"]
@@ -178,9 +178,11 @@ def test_every_method_builds_compiled_with_the_compile_settings(tmp_path, cache_
     """--compile True hands the compile settings to every method's model (compilation itself waits for a forward)."""
     levels = ["--levels", "1"] if method != "ssd" else []
     _, _, run = tiny_run(tmp_path, cache_dir, "--method", method, *levels, "--compile", "True",
-                         "--dense_skip_grads", "False")
+                         "--dense_skip_grads", "False", "--per_channel_norm", "False")
     blocks = [m for m in run.model.modules() if isinstance(m, Block)]
     assert blocks and not any(m.dense_skip_grads for m in blocks)
+    norms = [m for m in run.model.modules() if isinstance(m, GroupNorm)]
+    assert norms and not any(m.per_channel for m in norms)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
