@@ -6,6 +6,7 @@ in one run on one GPU. Training times train.py's own step (train.train_step) on 
     python bench.py --res 256 --levels 6 --sample False --max_batch True
     python bench.py --variants ssd,ssd-eager,ssd-paperattn --sample False   # before/after in the same run
     python bench.py --variants ssd,full --sample False --roofline True      # where each path's time goes
+    python bench.py --variants ssd --kernel_bandwidth 64->64,8->8           # Inductor's kernels, each alone
 
 Variants: "ssd" (the Flexi-UNet with L levels), "flexi1" (the same network at one level), "full" (the ADM UNet at
 full resolution, DDPM-x0) and "msf" (msf.py), each with optional suffixes that turn one thing off or on: -eager (no
@@ -29,6 +30,7 @@ import time
 
 import numpy as np
 import torch
+import torch._inductor.config
 
 import roofline
 import sample
@@ -96,6 +98,22 @@ def bench_training(run, cfg, data, args, peak, ceiling=None):
                 tflops=avg_flops / avg_time / 1e12, mfu=avg_flops / avg_time / peak,
                 peak_mem_gb=max(r["peak_mem_gb"] for r in rows), reserved_gb=max(r["reserved_gb"] for r in rows),
                 **(dict(roofline=where) if ceiling else {}))
+
+
+def bench_kernel_bandwidth(run, cfg, data, path_names, ceiling):
+    """roofline.inductor_kernels of each named training path: what Inductor's kernels move and how fast, each alone."""
+    paths = {path.name: path for path in run.method.paths}
+    unknown = [name for name in path_names if name not in paths]
+    if unknown:
+        raise SystemExit(f"--kernel_bandwidth: no path {', '.join(unknown)} here; choose from {', '.join(paths)}")
+    x0, _ = get_batch(data, cfg["batch_size"], torch.Generator().manual_seed(0), run.device)
+    rows = []
+    for name in path_names:
+        t = run.method.path_steps(paths[name], cfg["batch_size"])
+        rows.append(dict(path=name, **roofline.inductor_kernels(lambda: train.train_step(run, cfg, x0, t), ceiling[1])))
+        print(f"  {name}: Inductor's kernels move {rows[-1]['gb']:.1f} GB in {rows[-1]['ms']:.1f} ms alone, "
+              f"{100 * rows[-1]['copy_share']:.0f}% of the copy ceiling", flush=True)
+    return rows
 
 
 def eager_config(cfg):
@@ -229,6 +247,8 @@ def markdown(results, args):
             if heaviest:
                 lines += ["", "The heaviest kernels outside the matrix products and attention (s): " +
                           "; ".join(heaviest)]
+        if "kernel_bandwidth" in r:
+            lines += ["", roofline.bandwidth_markdown(name, r["kernel_bandwidth"])]
         if "roofline" in r.get("train", {}):
             ceiling = results["ceilings"]["matmul_tflops"], results["ceilings"]["copy_gbs"]
             lines += ["", roofline.markdown(name, r["train"]["roofline"], ceiling)]
@@ -266,12 +286,19 @@ def main():
                         help="also each path's FLOPs, bytes, floors and kernel time by kind (roofline.py)")
     parser.add_argument("--fused_noise", type=parse_bool, default=False,
                         help="also time the first sampling chain with its noise made by one kernel (compiled variants)")
+    parser.add_argument("--kernel_bandwidth", default="",
+                        help="instead of timing: comma list of training paths (64->64,8->8) whose Inductor kernels are "
+                             "each timed alone with the bytes they move (roofline.inductor_kernels)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--compile", type=parse_bool, default=None, help="as train.py: default on CUDA")
     parser.add_argument("--out", default=os.path.join("out", "bench"))
     args = parser.parse_args()
     args.sample_steps = [int(s) for s in args.sample_steps.split(",")]
+    args.kernel_bandwidth = [path for path in args.kernel_bandwidth.split(",") if path]
+    if args.kernel_bandwidth:  # Inductor's bandwidth mode lists its kernels without running them: no other timing
+        args.train = args.sample = args.max_batch = False
+        torch._inductor.config.profile_bandwidth = True  # read when a kernel is generated: before any compilation
     if not torch.cuda.is_available():
         raise SystemExit("bench.py measures GPU speed: run it on a machine with a CUDA GPU")
     os.makedirs(args.out, exist_ok=True)
@@ -289,8 +316,15 @@ def main():
         print(variant, flush=True)
         with tempfile.TemporaryDirectory() as out_dir:
             cfg = variant_config(args, variant, out_dir)
+            if args.kernel_bandwidth:
+                if not cfg["compile"]:
+                    raise SystemExit(f"--kernel_bandwidth measures Inductor's kernels: {variant} is not compiled")
+                cfg = dict(cfg, cuda_graphs=False)  # Inductor times each kernel alone, which no graph may capture
             run = train.build_run(cfg, data, device=torch.device("cuda"))
             row = results["variants"][variant] = {}
+            if args.kernel_bandwidth:
+                row["kernel_bandwidth"] = bench_kernel_bandwidth(run, cfg, data, args.kernel_bandwidth, ceiling)
+                save(results, args)
             if args.train:
                 row["train"] = bench_training(run, cfg, data, args, peak, ceiling if args.roofline else None)
                 save(results, args)

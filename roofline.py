@@ -8,6 +8,8 @@ kernels take by kind. bench.py --roofline True measures it and writes the table 
   A fused run moves less, so this bounds from above the traffic a perfect implementation needs.
 - Floors: the time each would take at its ceiling. A step cannot be faster than its FLOPs floor, nor than its step
   floor: the FLOPs floor plus the memory traffic that no fusion removes (memory_floor_bytes) at the copy ceiling.
+- Inductor's kernels alone (bench.py --kernel_bandwidth): each generated kernel timed on its own with the bytes it
+  must read and write, so their rate set against the copy ceiling says whether they are slow or only move much.
 - Measured: a few profiled steps, their GPU kernels sorted by kind (KINDS), per step; "GPU idle" is the step's wall
   time less its kernels' time: the GPU waiting for the host to issue work, or for the next kernel to start (a few
   microseconds each, also within a CUDA graph, so it grows with the kernels a step launches). The host's time to
@@ -179,6 +181,48 @@ def kernel_times(step, steps=3, heaviest=8):
                            if kind not in ("conv and matmul", "attention")), key=lambda k: -k[2])
     return dict(kinds=dict(times), wall_ms=start.elapsed_time(end) / steps, host_ms=host_ms,
                 launches=launches / steps, heaviest=memory_bound[:heaviest])
+
+
+def inductor_kernels(step, copy_gbs, heaviest=8):
+    """The Inductor kernels one step launches, each timed alone, with the bytes it must read and write, summed by
+    kernel_bandwidth. Needs torch._inductor.config.profile_bandwidth set before the step is compiled: Inductor then
+    times each kernel at its first launch (a cold L2 cache) and afterwards lists the kernel and its bytes without
+    running it, so the outputs of such a step are meaningless and only its list counts."""
+    from torch._inductor.runtime import triton_heuristics
+    step()  # each kernel's first launch: timed
+    torch.cuda.synchronize()
+    triton_heuristics.collected_calls.clear()
+    step()
+    torch.cuda.synchronize()
+    return kernel_bandwidth(triton_heuristics.collected_calls, copy_gbs, heaviest)
+
+
+def kernel_bandwidth(calls, copy_gbs, heaviest=8):
+    """Totals of kernel launches given as (ms, GB, GB/s, name): launches, ms, GB, their rate and its share of the
+    copy ceiling, the time the bytes would take at that ceiling, and the `heaviest` kernels by total time as
+    (name, launches, ms, GB/s)."""
+    named = defaultdict(lambda: [0, 0.0, 0.0])
+    for ms, gb, _, name in calls:
+        named[name][0] += 1
+        named[name][1] += ms
+        named[name][2] += gb
+    ms, gb = sum(c[0] for c in calls), sum(c[1] for c in calls)
+    top = sorted(named.items(), key=lambda kv: -kv[1][1])[:heaviest]
+    return dict(launches=len(calls), ms=ms, gb=gb, gbs=1e3 * gb / ms, copy_share=1e3 * gb / ms / copy_gbs,
+                ceiling_ms=1e3 * gb / copy_gbs, heaviest=[[name, n, t, 1e3 * g / t] for name, (n, t, g) in top])
+
+
+def bandwidth_markdown(variant, rows):
+    """bench.py --kernel_bandwidth's table: rows of kernel_bandwidth with their "path"."""
+    header = [f"{variant} path", "Inductor kernels/step", "GB/step", "ms alone", "GB/s", "of the copy ceiling",
+              "ms at the copy ceiling"]
+    cells = [[r["path"], f"{r['launches']:,}", f"{r['gb']:.1f}", f"{r['ms']:.1f}", f"{r['gbs']:,.0f}",
+              f"{100 * r['copy_share']:.0f}%", f"{r['ceiling_ms']:.1f}"] for r in rows]
+    lines = ["Inductor's kernels of one training step, each timed alone (cold L2) with the bytes it must read and "
+             "write:", "", markdown_table(header, cells), "", "The heaviest, ms per step (launches, GB/s):"]
+    lines += [f"- {r['path']}: " + "; ".join(f"{name} {ms:.2f} ({n}, {gbs:,.0f})" for name, n, ms, gbs in r["heaviest"])
+              for r in rows]
+    return "\n".join(lines)
 
 
 def row(path, flops, work, measured, ceiling):

@@ -179,3 +179,32 @@ def test_the_batch_search_finds_the_largest_multiple_of_8_that_fits(monkeypatch,
     monkeypatch.setattr(bench, "get_batch", lambda data, n, gen, device: (torch.zeros(n, 1, 16, 16), None))
     assert bench.largest_batch(run, cfg, data) == found
     assert len(tried) <= 12 and all(b % 8 == 0 for b in tried)
+
+
+def test_inductor_kernels_are_summed_per_step_and_set_against_the_copy_ceiling():
+    """roofline.kernel_bandwidth on launches as Inductor's bandwidth mode lists them: (ms, GB, GB/s, name)."""
+    calls = [(1.0, 2.0, 2000.0, "triton_red_fused_native_group_norm_0"),
+             (1.0, 2.0, 2000.0, "triton_red_fused_native_group_norm_0"),
+             (0.5, 0.5, 1000.0, "triton_poi_fused_add_1")]
+    r = roofline.kernel_bandwidth(calls, copy_gbs=3000.0, heaviest=1)
+    assert r["launches"] == 3 and r["ms"] == 2.5 and r["gb"] == 4.5
+    assert r["gbs"] == pytest.approx(1800.0) and r["copy_share"] == pytest.approx(0.6)
+    assert r["ceiling_ms"] == pytest.approx(1.5)  # 4.5 GB at 3,000 GB/s
+    assert r["heaviest"] == [["triton_red_fused_native_group_norm_0", 2, 2.0, 2000.0]]
+    import bench
+    results = dict(device="GPU", date="2026-12-07", command="python bench.py", ratios={},
+                   variants={"ssd": dict(kernel_bandwidth=[dict(path="64->64", **r)])})
+    args = type("Args", (), dict(res=64, levels=4, sample_steps=[100], sample_batch=250))
+    table = bench.markdown(results, args)
+    assert "| 64->64 | 3 | 4.5 | 2.5 | 1,800 | 60% | 1.5 |" in table
+    assert "- 64->64: triton_red_fused_native_group_norm_0 2.00 (2, 2,000)" in table
+
+
+def test_the_kernel_bandwidth_names_the_paths_it_can_measure(tmp_path):
+    import bench
+    import train
+    cfg = bench.eager_config(train.parse_config(["--res", "16", "--batch_size", "4", "--out_dir", str(tmp_path)]))
+    data = bench.synthetic_data(16)
+    run = train.build_run(cfg, data)
+    with pytest.raises(SystemExit, match=r"no path 64->64 here; choose from 16->16, 8->8"):
+        bench.bench_kernel_bandwidth(run, cfg, data, ["64->64"], (800.0, 3000.0))
