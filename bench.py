@@ -8,18 +8,18 @@ in one run on one GPU. Training times train.py's own step (train.train_step) on 
     python bench.py --variants ssd,full --sample False --roofline True      # where each path's time goes
     python bench.py --variants ssd --kernel_bandwidth 64->64,8->8           # Inductor's kernels, each alone
 
-Variants: "ssd" (the Flexi-UNet with L levels), "flexi1" (the same network at one level), "full" (the ADM UNet at
-full resolution, DDPM-x0) and "msf" (msf.py), each with optional suffixes that turn one thing off or on: -eager (no
-torch.compile), -nograph (no CUDA graphs, in training or sampling), -nchw (training and sampling in the
-channels-first layout, not channels-last), -catskip (decoder skips joined by torch.cat, not flexi_unet.JoinSkip),
--nativenorm (torch's GroupNorm compiled, not flexi_unet.GroupNorm's per-channel form), -paperattn (the paper's
-attention, no QK-norm), -fp32attn (the paper's attention in float32). Training time is measured per path and
-averaged with the share of batches each path gets (methods.py); compilation and warm-up are excluded, CUDA is
-synchronised, and each figure is the median of several repeats. The GPU's ceilings (a large bf16 matrix product, a large copy) are measured first; each sampling time comes
-with its floor, its FLOPs at that ceiling. Memory: "peak GB" is the most allocated at once; with CUDA graphs the
-recorded paths' activations live in the graphs' own pool, so "reserved GB" (all the process holds) is the figure
-that compares. Results go to OUT/bench_<res>px.json and .md, rewritten after each measurement, so a run cut short
-keeps what it finished.
+Variants: "ssd" (the Flexi-UNet with L levels), "flexi1" (the same network at one level), "full" (the ADM UNet at full
+resolution, DDPM-x0) and "msf" (msf.py), each with optional suffixes that turn one thing off or on: -eager (no
+torch.compile), -nograph (no CUDA graphs, in training or sampling), -nchw (training and sampling in the channels-first
+layout, not channels-last), -catskip (decoder skips joined by torch.cat, not flexi_unet.JoinSkip), -nativenorm (torch's
+GroupNorm compiled, not flexi_unet.GroupNorm's per-channel form), -rowstats (its statistics over 8 blocks of rows, where
+the rows allow), -paperattn (the paper's attention, no QK-norm), -fp32attn (the paper's attention in float32). Training
+time is measured per path and averaged with the share of batches each path gets (methods.py); compilation and warm-up
+are excluded, CUDA is synchronised, and each figure is the median of several repeats. The GPU's ceilings (a large bf16
+matrix product, a large copy) are measured first; each sampling time comes with its floor, its FLOPs at that ceiling.
+Memory: "peak GB" is the most allocated at once; with CUDA graphs the recorded paths' activations live in the graphs'
+own pool, so "reserved GB" (all the process holds) is the figure that compares. Results go to OUT/bench_<res>px.json and
+.md, rewritten after each measurement, so a run cut short keeps what it finished.
 """
 import argparse
 import json
@@ -42,7 +42,8 @@ from ssd import seeded_noise
 VARIANTS = {"ssd": [], "flexi1": ["--levels", "1"], "full": ["--method", "ddpm_x0"], "msf": ["--method", "msf"]}
 SUFFIXES = {"eager": ["--compile", "False"], "nograph": ["--cuda_graphs", "False"],
             "nchw": ["--channels_last", "False"], "catskip": ["--dense_skip_grads", "False"],
-            "nativenorm": ["--per_channel_norm", "False"], "paperattn": ["--qk_norm", "False"],
+            "nativenorm": ["--per_channel_norm", "False"], "rowstats": ["--norm_row_blocks", "8"],
+            "paperattn": ["--qk_norm", "False"],
             "fp32attn": ["--qk_norm", "False", "--attention_fp32", "True"]}
 
 
@@ -134,7 +135,8 @@ def bench_sampling(run, cfg, args, peak, ceiling):
     chain's FLOPs alone would take at the measured matrix-product ceiling, the least that faster kernels could reach."""
     n = args.sample_batch
     seconds = sample.speed_up(run.method, run.ema, n, compile=cfg["compile"], graphs=cfg["cuda_graphs"],
-                               channels_last=cfg["channels_last"], per_channel_norm=cfg["per_channel_norm"])
+                               channels_last=cfg["channels_last"], per_channel_norm=cfg["per_channel_norm"],
+                               norm_row_blocks=cfg["norm_row_blocks"])
     torch.cuda.synchronize()
     results = dict(compile_s=seconds or 0.0)
     for steps in args.sample_steps:

@@ -138,24 +138,27 @@ class GroupNorm(nn.GroupNorm):
     output is channels-first, and the convolution after it converts between the two formats in its backward. Reducing
     over the pixels of each channel instead reads whole rows of channels at once and keeps the input's layout; the
     group's mean and variance follow exactly from its channels': the mean of their means, and the mean of their
-    variances plus the variance of their means. Eager runs keep the native kernel, and so do compiled ones with
-    per_channel False (UNet.compile_blocks). Statistics and output in fp32, as autocast runs GroupNorm."""
+    variances plus the variance of their means. With row_blocks > 1 each channel's statistics are taken over that
+    many equal blocks of rows and combined the same way: more, shorter reductions, so more of them run side by side.
+    Eager runs keep the native kernel, and so do compiled ones with per_channel False (UNet.compile_blocks).
+    Statistics and output in fp32, as autocast runs GroupNorm. x: (batch, channels, height, width)."""
 
     per_channel = True
+    row_blocks = 1
 
     def forward(self, x):
         if not (self.per_channel and torch.compiler.is_compiling()):
             return super().forward(x)
         x = x.float()
-        pixels = tuple(range(2, x.dim()))
-        var_c, mean_c = (s.unflatten(1, (self.num_groups, -1))
-                         for s in torch.var_mean(x, dim=pixels, correction=0, keepdim=True))
-        mean = mean_c.mean(2, keepdim=True)
-        var = var_c.mean(2, keepdim=True) + (mean_c - mean).square().mean(2, keepdim=True)
-        per_channel = lambda group_stat: group_stat.expand_as(mean_c).flatten(1, 2)  # (B, G, 1..) -> (B, C, 1..)
-        shape = (-1,) + (1,) * len(pixels)
-        return (x - per_channel(mean)) * per_channel(torch.rsqrt(var + self.eps)) * self.weight.view(shape) \
-            + self.bias.view(shape)
+        blocks = math.gcd(self.row_blocks, x.shape[2])
+        var_b, mean_b = torch.var_mean(x.unflatten(2, (blocks, -1)), dim=(3, 4), correction=0)  # (B, C, blocks)
+        var_b, mean_b = (s.unflatten(1, (self.num_groups, -1)).flatten(2) for s in (var_b, mean_b))  # (B, G, n)
+        mean = mean_b.mean(2, keepdim=True)
+        var = var_b.mean(2, keepdim=True) + (mean_b - mean).square().mean(2, keepdim=True)
+        per_channel = lambda group_stat: group_stat.expand(-1, -1, x.shape[1] // self.num_groups).reshape(
+            x.shape[0], -1, 1, 1)  # (B, G, 1) -> (B, C, 1, 1)
+        return (x - per_channel(mean)) * per_channel(torch.rsqrt(var + self.eps)) * self.weight.view(-1, 1, 1) \
+            + self.bias.view(-1, 1, 1)
 
 
 class ResBlock(nn.Module):
@@ -341,10 +344,11 @@ class UNet(nn.Module):
         self.head = Head(cfg.norm_groups, widths[0], cfg.in_channels)
         self.graphs = None  # recorded sampling forwards, once record_graphs() is called
 
-    def compile_blocks(self, dense_skip_grads=True, per_channel_norm=True, **options):
+    def compile_blocks(self, dense_skip_grads=True, per_channel_norm=True, norm_row_blocks=1, **options):
         """Regional compilation: torch.compile each block (residual block, attention, upsample; a downsample; the
         head) on its own. dense_skip_grads: decoder skips joined by JoinSkip, else by torch.cat. per_channel_norm:
-        GroupNorm from per-channel statistics (see GroupNorm), else torch's own.
+        GroupNorm from per-channel statistics, taken over norm_row_blocks blocks of rows (see GroupNorm), else torch's
+        own.
 
         A block always runs at its own level's resolution, whatever the path, so the blocks compile once each and
         every (input, output) path reuses them; blocks of the same shapes share one compiled graph. Compiling the
@@ -365,7 +369,7 @@ class UNet(nn.Module):
             if isinstance(module, Block):
                 module.dense_skip_grads = dense_skip_grads
             if isinstance(module, GroupNorm):
-                module.per_channel = per_channel_norm
+                module.per_channel, module.row_blocks = per_channel_norm, norm_row_blocks
         for module in self.regions():
             module.compile(dynamic=False, **options)  # options: torch.compile's (tests use a fast backend)
         return self

@@ -302,12 +302,13 @@ def accelerations(args, device):
 
 
 def speed_up(method, net, batch_size, y=None, cfg_scale=1.0, compile=True, graphs=True, channels_last=None,
-             per_channel_norm=True):
+             per_channel_norm=True, norm_row_blocks=1):
     """Compile the network block by block and record its sampling forwards as CUDA graphs, as asked; every path then
     runs once at batch_size, so that both happen here and not in the first timed batch. Sampling must then use
     batch_size (generate_batches pads the last batch to it). channels_last (default: on CUDA) stores the weights
     channels-last first, as train.py trains: the compiled blocks then keep every activation so, and cuDNN converts
-    nothing. per_channel_norm: as UNet.compile_blocks. Returns the seconds taken, or None if nothing was asked."""
+    nothing. per_channel_norm, norm_row_blocks: as UNet.compile_blocks. Returns the seconds taken, or None if nothing
+    was asked."""
     if not (compile or graphs):
         return None
     if channels_last is None:
@@ -317,7 +318,7 @@ def speed_up(method, net, batch_size, y=None, cfg_scale=1.0, compile=True, graph
             net.to(memory_format=torch.channels_last)
     if compile:
         # regional compilation: every resolution path reuses the compiled blocks
-        net.compile_blocks(per_channel_norm=per_channel_norm)
+        net.compile_blocks(per_channel_norm=per_channel_norm, norm_row_blocks=norm_row_blocks)
     if graphs:
         net.record_graphs()  # one graph per resolution path: a step is one launch
     start = time.time()

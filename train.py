@@ -105,6 +105,7 @@ SETTINGS = {
                                    "torch.cat"),
         ("per_channel_norm", True, "compiled GroupNorm from per-channel statistics (flexi_unet.GroupNorm); False: "
                                    "torch's own"),
+        ("norm_row_blocks", 1, "per-channel statistics over this many blocks of rows, combined exactly"),
         ("bf16", None, "bf16 autocast (None: on CUDA); False trains in float32 with TF32 matrix products"),
         ("seed", 0, "initial weights, batches, steps and noise"),
     ],
@@ -180,7 +181,8 @@ def check_config(cfg):
                    op=("bilinear", "box"), noise=("linear", "cosine"))
     for key, allowed in choices.items():
         need(cfg[key] in allowed, f"--{key} {cfg[key]!r}: choose one of {', '.join(allowed)}")
-    for key in ("res", "levels", "T", "batch_size", "max_steps", "log_every", "ckpt_every", "sample_n", "sample_steps"):
+    for key in ("res", "levels", "T", "batch_size", "max_steps", "log_every", "ckpt_every", "sample_n", "sample_steps",
+                "norm_row_blocks"):
         need(cfg[key] >= 1, f"--{key} {cfg[key]}: must be at least 1")
     for key in ("warmup", "sample_every", "grad_clip", "weight_decay", "time_budget"):
         need(cfg[key] >= 0, f"--{key} {cfg[key]}: must be 0 or more")
@@ -271,7 +273,8 @@ def build_run(cfg, data, rank=0, world=1, device=torch.device("cpu")):
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # eval: no dropout in samples
     if cfg["compile"]:
         # regional compilation: every path reuses the compiled blocks
-        model.compile_blocks(dense_skip_grads=cfg["dense_skip_grads"], per_channel_norm=cfg["per_channel_norm"])
+        model.compile_blocks(dense_skip_grads=cfg["dense_skip_grads"], per_channel_norm=cfg["per_channel_norm"],
+                             norm_row_blocks=cfg["norm_row_blocks"])
     seed = cfg["seed"]
     gens = dict(shared=torch.Generator().manual_seed(seed), local=torch.Generator().manual_seed(seed + 1 + rank),
                 noise=torch.Generator(device).manual_seed(seed + 10_000 + rank))

@@ -353,18 +353,20 @@ def test_inductor_blocks_match_the_eager_network_in_bf16(in_res, out_res):
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("offset", [1.0, 50.0])
-def test_the_compiled_groupnorm_is_torchs_and_keeps_the_layout(layout, backend, offset):
-    """flexi_unet.GroupNorm compiled (from per-channel statistics) gives nn.GroupNorm's output and gradients, as
-    computed in float64, also for values far from zero (where E[x^2] - E[x]^2 would cancel; torch's own CPU kernel
-    for channels-last input loses digits there), and its output lies in its input's layout; eager it is
-    nn.GroupNorm itself."""
+@pytest.mark.parametrize("row_blocks", [1, 3])
+def test_the_compiled_groupnorm_is_torchs_and_keeps_the_layout(layout, backend, offset, row_blocks):
+    """flexi_unet.GroupNorm compiled (from per-channel statistics, whole or over blocks of rows) gives nn.GroupNorm's
+    output and gradients, as computed in float64, also for values far from zero (where E[x^2] - E[x]^2 would cancel;
+    torch's own CPU kernel for channels-last input loses digits there), and its output lies in its input's layout;
+    eager it is nn.GroupNorm itself."""
     torch.manual_seed(0)
     reference = torch.nn.GroupNorm(4, 16).double()
     torch.nn.init.normal_(reference.weight), torch.nn.init.normal_(reference.bias)
     ours = GroupNorm(4, 16)
     ours.load_state_dict(reference.state_dict())
-    x = (3 * torch.randn(2, 16, 5, 6) + offset).contiguous(memory_format=layout)
-    grad = torch.randn(2, 16, 5, 6)
+    ours.row_blocks = row_blocks
+    x = (3 * torch.randn(2, 16, 6, 5) + offset).contiguous(memory_format=layout)
+    grad = torch.randn(2, 16, 6, 5)
     assert torch.equal(ours(x), torch.nn.functional.group_norm(x, 4, ours.weight, ours.bias))
     compiled = torch.compile(ours, backend=backend, dynamic=False)
     results = []
@@ -420,6 +422,8 @@ def test_compile_blocks_chooses_the_groupnorm(per_channel):
     compiled = copy.deepcopy(eager).compile_blocks(per_channel_norm=per_channel, backend=backend)
     x, t = inputs(16, batch=2)
     torch.testing.assert_close(compiled(x, t, 16), eager(x, t, 16), atol=1e-5, rtol=1e-5)
+    in_row_blocks = compiled.compile_blocks(per_channel_norm=per_channel, norm_row_blocks=4, backend=backend)
+    torch.testing.assert_close(in_row_blocks(x, t, 16), eager(x, t, 16), atol=1e-5, rtol=1e-5)  # 4 blocks, 2 at 2 px
     assert any("group_norm" in target for target in traced) != per_channel
     assert any("var_mean" in target for target in traced) == per_channel
 

@@ -178,11 +178,11 @@ def test_every_method_builds_compiled_with_the_compile_settings(tmp_path, cache_
     """--compile True hands the compile settings to every method's model (compilation itself waits for a forward)."""
     levels = ["--levels", "1"] if method != "ssd" else []
     _, _, run = tiny_run(tmp_path, cache_dir, "--method", method, *levels, "--compile", "True",
-                         "--dense_skip_grads", "False", "--per_channel_norm", "False")
+                         "--dense_skip_grads", "False", "--per_channel_norm", "False", "--norm_row_blocks", "4")
     blocks = [m for m in run.model.modules() if isinstance(m, Block)]
     assert blocks and not any(m.dense_skip_grads for m in blocks)
     norms = [m for m in run.model.modules() if isinstance(m, GroupNorm)]
-    assert norms and not any(m.per_channel for m in norms)
+    assert norms and not any(m.per_channel for m in norms) and all(m.row_blocks == 4 for m in norms)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
@@ -411,6 +411,7 @@ def test_parser_rejects_bad_values(argv, message, capsys):
     (["--dataset", "cifar"], "--dataset 'cifar': choose one of celeba"),
     (["--model", "huge"], "--model 'huge': choose one of paper, tiny"),
     (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+    (["--norm_row_blocks", "0"], "--norm_row_blocks 0: must be at least 1"),
     (["--batch_size", "-4"], "--batch_size -4: must be at least 1"),
     (["--levels", "0"], "--levels 0: must be at least 1"),
     (["--T", "0"], "--T 0: must be at least 1"),
