@@ -7,6 +7,7 @@ in one run on one GPU. Training times train.py's own step (train.train_step) on 
     python bench.py --variants ssd,ssd-eager,ssd-paperattn --sample False   # before/after in the same run
     python bench.py --variants ssd,full --sample False --roofline True      # where each path's time goes
     python bench.py --variants ssd --kernel_bandwidth 64->64,8->8           # Inductor's kernels, each alone
+    python bench.py --groupnorm True                                        # each GroupNorm form alone, per level
 
 Variants: "ssd" (the Flexi-UNet with L levels), "flexi1" (the same network at one level), "full" (the ADM UNet at full
 resolution, DDPM-x0) and "msf" (msf.py), each with optional suffixes that turn one thing off or on: -eager (no
@@ -37,6 +38,7 @@ import sample
 import train
 from common import markdown_table, parse_bool
 from data import ImageData, get_batch
+from flexi_unet import GroupNorm, paper_config
 from ssd import seeded_noise
 
 VARIANTS = {"ssd": [], "flexi1": ["--levels", "1"], "full": ["--method", "ddpm_x0"], "msf": ["--method", "msf"]}
@@ -115,6 +117,52 @@ def bench_kernel_bandwidth(run, cfg, data, path_names, ceiling):
         print(f"  {name}: Inductor's kernels move {rows[-1]['gb']:.1f} GB in {rows[-1]['ms']:.1f} ms alone, "
               f"{100 * rows[-1]['copy_share']:.0f}% of the copy ceiling", flush=True)
     return rows
+
+
+# The compiled GroupNorm forms (flexi_unet.GroupNorm's per_channel, row_blocks, fused_grads), each timed alone by
+# --groupnorm.
+NORM_FORMS = {"torch's": (False, 1, False), "per-channel": (True, 1, False),
+              "per-channel, 8 row blocks": (True, 8, False), "per-channel, backward written out": (True, 1, True)}
+# A GroupNorm followed by SiLU, as the network runs it, moves its input's size in bf16 at least 8 times: forward,
+# the statistics read it and the output pass reads it and writes the output; backward, the statistics read the
+# input and the output's gradient, and the last pass reads both and writes the input's gradient.
+NORM_PASSES = 8
+
+
+def bench_groupnorm(batch, res, levels):
+    """Each compiled GroupNorm form alone (NORM_FORMS), then SiLU, forward and backward, on a channels-last bf16
+    activation of each level of the paper's model: (batch, the level's width, its resolution squared)."""
+    config = paper_config(res, levels)
+    rows = []
+    for level in range(levels):
+        width, side = config.base_channels * config.channel_mult[level], res >> level
+        x = torch.randn(batch, width, side, side, device="cuda", dtype=torch.bfloat16)
+        x = x.contiguous(memory_format=torch.channels_last)
+        grad = torch.randn_like(x)
+        for name, (per_channel, row_blocks, fused_grads) in NORM_FORMS.items():
+            norm = GroupNorm(config.norm_groups, width).cuda()
+            norm.per_channel, norm.row_blocks, norm.fused_grads = per_channel, row_blocks, fused_grads
+            torch._dynamo.reset()  # each form and shape compiled afresh, never from another's cache entry
+            forward = torch.compile(lambda a: torch.nn.functional.silu(norm(a)).to(a.dtype), dynamic=False)
+
+            def step():
+                leaf = x.detach().requires_grad_()
+                forward(leaf).backward(grad)
+
+            step()  # compiles
+            seconds = roofline.cuda_seconds(step)
+            rows.append(dict(shape=f"{batch} x {width} x {side} x {side}", form=name, ms=1000 * seconds,
+                             gbs=NORM_PASSES * x.nbytes / seconds / 1e9))
+            print(f"  {rows[-1]['shape']}, {name}: {rows[-1]['ms']:.3f} ms", flush=True)
+    return rows
+
+
+def groupnorm_markdown(rows, copy_gbs):
+    cells = [[r["shape"], r["form"], f"{r['ms']:.3f}", f"{r['gbs']:,.0f}", f"{100 * r['gbs'] / copy_gbs:.0f}%"]
+             for r in rows]
+    return ("Each compiled GroupNorm alone, then SiLU, forward and backward, channels-last bf16; its rate counts the "
+            f"{NORM_PASSES} passes over the activation the pair needs at least:\n\n" +
+            markdown_table(["activation", "GroupNorm", "ms", "GB/s", "of the copy ceiling"], cells))
 
 
 def eager_config(cfg):
@@ -222,6 +270,8 @@ def markdown(results, args):
     if batches:
         lines += ["", "Largest training batch per GPU on the most expensive path (a multiple of 8): " +
                   ", ".join(f"{name} {b}" for name, b in batches.items())]
+    if "groupnorm" in results:
+        lines += ["", groupnorm_markdown(results["groupnorm"], results["ceilings"]["copy_gbs"])]
     lines += [""] + [f"- {k}: {v:.2f}x" for k, v in results["ratios"].items()]
     floors = [f"{name} {r['sample'][f'{s}_steps_floor_s']:.2f} s for {s} steps" for name, r in
               results["variants"].items() for s in args.sample_steps if f"{s}_steps_floor_s" in r.get("sample", {})]
@@ -291,6 +341,8 @@ def main():
     parser.add_argument("--kernel_bandwidth", default="",
                         help="instead of timing: comma list of training paths (64->64,8->8) whose Inductor kernels are "
                              "each timed alone with the bytes they move (roofline.inductor_kernels)")
+    parser.add_argument("--groupnorm", type=parse_bool, default=False,
+                        help="instead of the variants: each compiled GroupNorm form alone at every level's activation")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--compile", type=parse_bool, default=None, help="as train.py: default on CUDA")
@@ -313,6 +365,12 @@ def main():
     ceiling = roofline.ceilings(torch.device("cuda"))  # a few seconds, and every figure is read against them
     results["ceilings"] = dict(matmul_tflops=ceiling[0], copy_gbs=ceiling[1])
     print(f"ceilings: bf16 matrix product {ceiling[0]:.0f} TFLOP/s, copy {ceiling[1]:.0f} GB/s", flush=True)
+    if args.groupnorm:
+        with tempfile.TemporaryDirectory() as out_dir:
+            batch = variant_config(args, "ssd", out_dir)["batch_size"]
+        results["groupnorm"] = bench_groupnorm(batch, args.res, args.levels)
+        print(save(results, args))
+        return
     data = synthetic_data(args.res)
     for variant in args.variants.split(","):
         print(variant, flush=True)

@@ -140,25 +140,73 @@ class GroupNorm(nn.GroupNorm):
     group's mean and variance follow exactly from its channels': the mean of their means, and the mean of their
     variances plus the variance of their means. With row_blocks > 1 each channel's statistics are taken over that
     many equal blocks of rows and combined the same way: more, shorter reductions, so more of them run side by side.
-    Eager runs keep the native kernel, and so do compiled ones with per_channel False (UNet.compile_blocks).
-    Statistics and output in fp32, as autocast runs GroupNorm. x: (batch, channels, height, width)."""
+    With fused_grads the backward is written out (GroupNormGrads) rather than derived by autograd. Eager runs keep
+    the native kernel, and so do compiled ones with per_channel False (UNet.compile_blocks). Statistics and output
+    in fp32, as autocast runs GroupNorm. x: (batch, channels, height, width)."""
 
     per_channel = True
     row_blocks = 1
+    fused_grads = False
 
     def forward(self, x):
         if not (self.per_channel and torch.compiler.is_compiling()):
             return super().forward(x)
-        x = x.float()
-        blocks = math.gcd(self.row_blocks, x.shape[2])
-        var_b, mean_b = torch.var_mean(x.unflatten(2, (blocks, -1)), dim=(3, 4), correction=0)  # (B, C, blocks)
-        var_b, mean_b = (s.unflatten(1, (self.num_groups, -1)).flatten(2) for s in (var_b, mean_b))  # (B, G, n)
-        mean = mean_b.mean(2, keepdim=True)
-        var = var_b.mean(2, keepdim=True) + (mean_b - mean).square().mean(2, keepdim=True)
-        per_channel = lambda group_stat: group_stat.expand(-1, -1, x.shape[1] // self.num_groups).reshape(
-            x.shape[0], -1, 1, 1)  # (B, G, 1) -> (B, C, 1, 1)
-        return (x - per_channel(mean)) * per_channel(torch.rsqrt(var + self.eps)) * self.weight.view(-1, 1, 1) \
-            + self.bias.view(-1, 1, 1)
+        if self.fused_grads:
+            return GroupNormGrads.apply(x, self.weight, self.bias, self.num_groups, self.eps, self.row_blocks)
+        return normalize(x.float(), *group_stats(x.float(), self.num_groups, self.eps, self.row_blocks),
+                         self.weight, self.bias)
+
+
+def group_stats(x, groups, eps, row_blocks=1):
+    """Each image's and group's mean and 1/std, (batch, groups, 1), from per-channel statistics over row_blocks
+    blocks of rows (as many as divide the height), combined exactly (GroupNorm)."""
+    blocks = math.gcd(row_blocks, x.shape[2])
+    var_b, mean_b = torch.var_mean(x.unflatten(2, (blocks, -1)), dim=(3, 4), correction=0)  # (B, C, blocks)
+    var_b, mean_b = (s.unflatten(1, (groups, -1)).flatten(2) for s in (var_b, mean_b))  # (B, G, n)
+    mean = mean_b.mean(2, keepdim=True)
+    var = var_b.mean(2, keepdim=True) + (mean_b - mean).square().mean(2, keepdim=True)
+    return mean, torch.rsqrt(var + eps)
+
+
+def per_channel(group_stat, channels):
+    """(B, G, 1) -> (B, C, 1, 1): each group's value for each of its channels."""
+    return group_stat.expand(-1, -1, channels // group_stat.shape[1]).reshape(group_stat.shape[0], -1, 1, 1)
+
+
+def normalize(x, mean, rstd, weight, bias):
+    """(x - mean) * rstd * weight + bias, mean and rstd per image and group (group_stats)."""
+    channels = x.shape[1]
+    return (x - per_channel(mean, channels)) * per_channel(rstd, channels) * weight.view(-1, 1, 1) \
+        + bias.view(-1, 1, 1)
+
+
+class GroupNormGrads(torch.autograd.Function):
+    """The per-channel GroupNorm with its backward written out. With x_hat = (x - mean) * rstd and dy the output's
+    gradient, one pass over x and dy gives each image's and channel's sums of dy and of dy * x_hat; the bias's and
+    weight's gradients are their sums over the images, and the input's gradient is
+    rstd * (weight * dy - a - x_hat * c), a and c the group means of weight * dy and of weight * dy * x_hat, which
+    follow from the same sums. Autograd's own backward sums over the images and pixels once more for the weight and
+    the bias."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps, row_blocks):
+        mean, rstd = group_stats(x.float(), groups, eps, row_blocks)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return normalize(x.float(), mean, rstd, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        _, channels, height, width = x.shape
+        groups = mean.shape[1]
+        x_hat = (x.float() - per_channel(mean, channels)) * per_channel(rstd, channels)
+        sum_dy, sum_dy_x_hat = dy.sum((2, 3)), (dy * x_hat).sum((2, 3))  # (B, C)
+        values_per_group = channels // groups * height * width
+        group_mean = lambda sums: (weight * sums).unflatten(1, (groups, -1)).sum(2, keepdim=True) / values_per_group
+        a, c = group_mean(sum_dy), group_mean(sum_dy_x_hat)  # (B, G, 1)
+        grad_x = per_channel(rstd, channels) * (weight.view(-1, 1, 1) * dy - per_channel(a, channels)
+                                                - x_hat * per_channel(c, channels))
+        return grad_x.to(x.dtype), sum_dy_x_hat.sum(0), sum_dy.sum(0), None, None, None
 
 
 class ResBlock(nn.Module):

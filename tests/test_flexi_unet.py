@@ -353,21 +353,22 @@ def test_inductor_blocks_match_the_eager_network_in_bf16(in_res, out_res):
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("offset", [1.0, 50.0])
-@pytest.mark.parametrize("row_blocks", [1, 3])
-def test_the_compiled_groupnorm_is_torchs_and_keeps_the_layout(layout, backend, offset, row_blocks):
-    """flexi_unet.GroupNorm compiled (from per-channel statistics, whole or over blocks of rows) gives nn.GroupNorm's
-    output and gradients, as computed in float64, also for values far from zero (where E[x^2] - E[x]^2 would cancel;
-    torch's own CPU kernel for channels-last input loses digits there), and its output lies in its input's layout;
-    eager it is nn.GroupNorm itself."""
+@pytest.mark.parametrize("row_blocks, fused_grads", [(1, False), (3, False), (1, True)])
+def test_the_compiled_groupnorm_is_torchs_and_keeps_the_layout(layout, backend, offset, row_blocks, fused_grads):
+    """flexi_unet.GroupNorm compiled (from per-channel statistics, whole or over blocks of rows, its backward derived
+    by autograd or written out) gives nn.GroupNorm's output and gradients, as computed in float64, also for values
+    far from zero (where E[x^2] - E[x]^2 would cancel; torch's own CPU kernel for channels-last input loses digits
+    there), and its output lies in its input's layout; eager it is nn.GroupNorm itself."""
     torch.manual_seed(0)
     reference = torch.nn.GroupNorm(4, 16).double()
     torch.nn.init.normal_(reference.weight), torch.nn.init.normal_(reference.bias)
     ours = GroupNorm(4, 16)
     ours.load_state_dict(reference.state_dict())
-    ours.row_blocks = row_blocks
+    ours.row_blocks, ours.fused_grads = row_blocks, fused_grads
     x = (3 * torch.randn(2, 16, 6, 5) + offset).contiguous(memory_format=layout)
     grad = torch.randn(2, 16, 6, 5)
     assert torch.equal(ours(x), torch.nn.functional.group_norm(x, 4, ours.weight, ours.bias))
+    torch._dynamo.reset()  # compiled afresh: past Dynamo's recompile limit the forward would silently run eager
     compiled = torch.compile(ours, backend=backend, dynamic=False)
     results = []
     for net, dtype in ((reference, torch.float64), (compiled, torch.float32)):

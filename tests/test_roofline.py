@@ -208,3 +208,13 @@ def test_the_kernel_bandwidth_names_the_paths_it_can_measure(tmp_path):
     run = train.build_run(cfg, data)
     with pytest.raises(SystemExit, match=r"no path 64->64 here; choose from 16->16, 8->8"):
         bench.bench_kernel_bandwidth(run, cfg, data, ["64->64"], (800.0, 3000.0))
+
+
+def test_the_groupnorm_table_counts_the_passes_the_pair_needs():
+    """bench.py --groupnorm: each form's rate is NORM_PASSES passes over the activation in its time."""
+    import bench
+    activation_bytes = 2 * 128 * 128 * 64 * 64
+    row = dict(shape="128 x 128 x 64 x 64", form="per-channel", ms=1.0, gbs=bench.NORM_PASSES * activation_bytes / 1e6)
+    table = bench.groupnorm_markdown([row], copy_gbs=3000.0)
+    assert "| 128 x 128 x 64 x 64 | per-channel | 1.000 | 1,074 | 36% |" in table  # 8 x 134 MB in 1 ms
+    assert set(bench.NORM_FORMS.values()) == {(False, 1, False), (True, 1, False), (True, 8, False), (True, 1, True)}
