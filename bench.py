@@ -14,13 +14,14 @@ resolution, DDPM-x0) and "msf" (msf.py), each with optional suffixes that turn o
 torch.compile), -nograph (no CUDA graphs, in training or sampling), -nchw (training and sampling in the channels-first
 layout, not channels-last), -catskip (decoder skips joined by torch.cat, not flexi_unet.JoinSkip), -nativenorm (torch's
 GroupNorm compiled, not flexi_unet.GroupNorm's per-channel form), -rowstats (its statistics over 8 blocks of rows, where
-the rows allow), -paperattn (the paper's attention, no QK-norm), -fp32attn (the paper's attention in float32). Training
-time is measured per path and averaged with the share of batches each path gets (methods.py); compilation and warm-up
-are excluded, CUDA is synchronised, and each figure is the median of several repeats. The GPU's ceilings (a large bf16
-matrix product, a large copy) are measured first; each sampling time comes with its floor, its FLOPs at that ceiling.
-Memory: "peak GB" is the most allocated at once; with CUDA graphs the recorded paths' activations live in the graphs'
-own pool, so "reserved GB" (all the process holds) is the figure that compares. Results go to OUT/bench_<res>px.json and
-.md, rewritten after each measurement, so a run cut short keeps what it finished.
+the rows allow), -fusedgrads (its backward written out, flexi_unet.GroupNormGrads), -paperattn (the paper's attention,
+no QK-norm), -fp32attn (the paper's attention in float32). Training time is measured per path and averaged with the
+share of batches each path gets (methods.py); compilation and warm-up are excluded, CUDA is synchronised, and each
+figure is the median of several repeats. The GPU's ceilings (a large bf16 matrix product, a large copy) are measured
+first; each sampling time comes with its floor, its FLOPs at that ceiling. Memory: "peak GB" is the most allocated at
+once; with CUDA graphs the recorded paths' activations live in the graphs' own pool, so "reserved GB" (all the process
+holds) is the figure that compares. Results go to OUT/bench_<res>px.json and .md, rewritten after each measurement, so a
+run cut short keeps what it finished.
 """
 import argparse
 import json
@@ -45,7 +46,7 @@ VARIANTS = {"ssd": [], "flexi1": ["--levels", "1"], "full": ["--method", "ddpm_x
 SUFFIXES = {"eager": ["--compile", "False"], "nograph": ["--cuda_graphs", "False"],
             "nchw": ["--channels_last", "False"], "catskip": ["--dense_skip_grads", "False"],
             "nativenorm": ["--per_channel_norm", "False"], "rowstats": ["--norm_row_blocks", "8"],
-            "paperattn": ["--qk_norm", "False"],
+            "fusedgrads": ["--norm_fused_grads", "True"], "paperattn": ["--qk_norm", "False"],
             "fp32attn": ["--qk_norm", "False", "--attention_fp32", "True"]}
 
 

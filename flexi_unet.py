@@ -392,11 +392,12 @@ class UNet(nn.Module):
         self.head = Head(cfg.norm_groups, widths[0], cfg.in_channels)
         self.graphs = None  # recorded sampling forwards, once record_graphs() is called
 
-    def compile_blocks(self, dense_skip_grads=True, per_channel_norm=True, norm_row_blocks=1, **options):
+    def compile_blocks(self, dense_skip_grads=True, per_channel_norm=True, norm_row_blocks=1, norm_fused_grads=False,
+                       **options):
         """Regional compilation: torch.compile each block (residual block, attention, upsample; a downsample; the
         head) on its own. dense_skip_grads: decoder skips joined by JoinSkip, else by torch.cat. per_channel_norm:
-        GroupNorm from per-channel statistics, taken over norm_row_blocks blocks of rows (see GroupNorm), else torch's
-        own.
+        GroupNorm from per-channel statistics, taken over norm_row_blocks blocks of rows, its backward written out
+        with norm_fused_grads (see GroupNorm), else torch's own.
 
         A block always runs at its own level's resolution, whatever the path, so the blocks compile once each and
         every (input, output) path reuses them; blocks of the same shapes share one compiled graph. Compiling the
@@ -418,6 +419,7 @@ class UNet(nn.Module):
                 module.dense_skip_grads = dense_skip_grads
             if isinstance(module, GroupNorm):
                 module.per_channel, module.row_blocks = per_channel_norm, norm_row_blocks
+                module.fused_grads = norm_fused_grads
         for module in self.regions():
             module.compile(dynamic=False, **options)  # options: torch.compile's (tests use a fast backend)
         return self

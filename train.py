@@ -106,6 +106,7 @@ SETTINGS = {
         ("per_channel_norm", True, "compiled GroupNorm from per-channel statistics (flexi_unet.GroupNorm); False: "
                                    "torch's own"),
         ("norm_row_blocks", 1, "per-channel statistics over this many blocks of rows, combined exactly"),
+        ("norm_fused_grads", False, "the per-channel GroupNorm's backward written out (flexi_unet.GroupNormGrads)"),
         ("bf16", None, "bf16 autocast (None: on CUDA); False trains in float32 with TF32 matrix products"),
         ("seed", 0, "initial weights, batches, steps and noise"),
     ],
@@ -274,7 +275,7 @@ def build_run(cfg, data, rank=0, world=1, device=torch.device("cpu")):
     if cfg["compile"]:
         # regional compilation: every path reuses the compiled blocks
         model.compile_blocks(dense_skip_grads=cfg["dense_skip_grads"], per_channel_norm=cfg["per_channel_norm"],
-                             norm_row_blocks=cfg["norm_row_blocks"])
+                             norm_row_blocks=cfg["norm_row_blocks"], norm_fused_grads=cfg["norm_fused_grads"])
     seed = cfg["seed"]
     gens = dict(shared=torch.Generator().manual_seed(seed), local=torch.Generator().manual_seed(seed + 1 + rank),
                 noise=torch.Generator(device).manual_seed(seed + 10_000 + rank))

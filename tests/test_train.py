@@ -178,11 +178,12 @@ def test_every_method_builds_compiled_with_the_compile_settings(tmp_path, cache_
     """--compile True hands the compile settings to every method's model (compilation itself waits for a forward)."""
     levels = ["--levels", "1"] if method != "ssd" else []
     _, _, run = tiny_run(tmp_path, cache_dir, "--method", method, *levels, "--compile", "True",
-                         "--dense_skip_grads", "False", "--per_channel_norm", "False", "--norm_row_blocks", "4")
+                         "--dense_skip_grads", "False", "--per_channel_norm", "False", "--norm_row_blocks", "4",
+                         "--norm_fused_grads", "True")
     blocks = [m for m in run.model.modules() if isinstance(m, Block)]
     assert blocks and not any(m.dense_skip_grads for m in blocks)
     norms = [m for m in run.model.modules() if isinstance(m, GroupNorm)]
-    assert norms and not any(m.per_channel for m in norms) and all(m.row_blocks == 4 for m in norms)
+    assert norms and not any(m.per_channel for m in norms) and all(m.row_blocks == 4 and m.fused_grads for m in norms)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
