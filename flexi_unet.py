@@ -153,8 +153,8 @@ class GroupNorm(nn.GroupNorm):
             return super().forward(x)
         if self.fused_grads:
             return GroupNormGrads.apply(x, self.weight, self.bias, self.num_groups, self.eps, self.row_blocks)
-        return normalize(x.float(), *group_stats(x.float(), self.num_groups, self.eps, self.row_blocks),
-                         self.weight, self.bias)
+        x = x.float()
+        return normalize(x, *group_stats(x, self.num_groups, self.eps, self.row_blocks), self.weight, self.bias)
 
 
 def group_stats(x, groups, eps, row_blocks=1):
@@ -190,9 +190,10 @@ class GroupNormGrads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps, row_blocks):
-        mean, rstd = group_stats(x.float(), groups, eps, row_blocks)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        return normalize(x.float(), mean, rstd, weight, bias)
+        x32 = x.float()
+        mean, rstd = group_stats(x32, groups, eps, row_blocks)
+        ctx.save_for_backward(x, weight, mean, rstd)  # x in its own dtype: bf16 under autocast, half of fp32's memory
+        return normalize(x32, mean, rstd, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):

@@ -201,6 +201,7 @@ def test_inductor_kernels_are_summed_per_step_and_set_against_the_copy_ceiling()
 
 
 def test_the_kernel_bandwidth_names_the_paths_it_can_measure(tmp_path):
+    """bench.py --kernel_bandwidth with a path the run does not have: one line naming those it has."""
     import bench
     import train
     cfg = bench.eager_config(train.parse_config(["--res", "16", "--batch_size", "4", "--out_dir", str(tmp_path)]))
