@@ -88,6 +88,7 @@ def test_curves_score_every_snapshot_once_and_draw_the_table(tmp_path, cache_dir
                            "--max_steps", "2", *when])
         runs.append(str(out))
     torch.manual_seed(0)  # a tiny random feature network stands in for Inception
+    monkeypatch.setattr(sample, "X0_ERROR_IMAGES", 16)  # and the network's error on few training images
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 13, stride=13), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
     monkeypatch.setattr(fid, "load_inception", lambda path, device: fid.InceptionFeatures(net, "tiny", device))
     argv = [*runs, "--n", "6", "--steps", "4", "--batch_size", "4", "--max_ref", "16", "--cache_dir",
