@@ -123,7 +123,8 @@ def bench_kernel_bandwidth(run, cfg, data, path_names, ceiling):
 # The compiled GroupNorm forms (flexi_unet.GroupNorm's per_channel, row_blocks, fused_grads), each timed alone by
 # --groupnorm.
 NORM_FORMS = {"torch's": (False, 1, False), "per-channel": (True, 1, False),
-              "per-channel, 8 row blocks": (True, 8, False), "per-channel, backward written out": (True, 1, True)}
+              "per-channel, 8 row blocks": (True, 8, False), "per-channel, backward written out": (True, 1, True),
+              "per-channel, 8 row blocks, backward written out": (True, 8, True)}
 # A GroupNorm followed by SiLU, as the network runs it, moves its input's size in bf16 at least 8 times: forward,
 # the statistics read it and the output pass reads it and writes the output; backward, the statistics read the
 # input and the output's gradient, and the last pass reads both and writes the input's gradient.

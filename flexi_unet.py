@@ -140,7 +140,8 @@ class GroupNorm(nn.GroupNorm):
     group's mean and variance follow exactly from its channels': the mean of their means, and the mean of their
     variances plus the variance of their means. With row_blocks > 1 each channel's statistics are taken over that
     many equal blocks of rows and combined the same way: more, shorter reductions, so more of them run side by side.
-    With fused_grads the backward is written out (GroupNormGrads) rather than derived by autograd. Eager runs keep
+    With fused_grads the backward is written out (GroupNormGrads) rather than derived by autograd, its sums over
+    the pixels taken over the same blocks of rows. Eager runs keep
     the native kernel, and so do compiled ones with per_channel False (UNet.compile_blocks). Statistics and output
     in fp32, as autocast runs GroupNorm. x: (batch, channels, height, width)."""
 
@@ -186,13 +187,15 @@ class GroupNormGrads(torch.autograd.Function):
     weight's gradients are their sums over the images, and the input's gradient is
     rstd * (weight * dy - a - x_hat * c), a and c the group means of weight * dy and of weight * dy * x_hat, which
     follow from the same sums. Autograd's own backward sums over the images and pixels once more for the weight and
-    the bias."""
+    the bias. The per-channel sums are taken over row_blocks blocks of rows, then added, as the forward's statistics
+    are: each block's sum is a shorter reduction, and Inductor runs more of them side by side."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps, row_blocks):
         x32 = x.float()
         mean, rstd = group_stats(x32, groups, eps, row_blocks)
         ctx.save_for_backward(x, weight, mean, rstd)  # x in its own dtype: bf16 under autocast, half of fp32's memory
+        ctx.blocks = math.gcd(row_blocks, x.shape[2])
         return normalize(x32, mean, rstd, weight, bias)
 
     @staticmethod
@@ -201,7 +204,8 @@ class GroupNormGrads(torch.autograd.Function):
         _, channels, height, width = x.shape
         groups = mean.shape[1]
         x_hat = (x.float() - per_channel(mean, channels)) * per_channel(rstd, channels)
-        sum_dy, sum_dy_x_hat = dy.sum((2, 3)), (dy * x_hat).sum((2, 3))  # (B, C)
+        channel_sums = lambda t: t.unflatten(2, (ctx.blocks, -1)).sum((3, 4)).sum(2)  # (B, C)
+        sum_dy, sum_dy_x_hat = channel_sums(dy), channel_sums(dy * x_hat)
         values_per_group = channels // groups * height * width
         group_mean = lambda sums: (weight * sums).unflatten(1, (groups, -1)).sum(2, keepdim=True) / values_per_group
         a, c = group_mean(sum_dy), group_mean(sum_dy_x_hat)  # (B, G, 1)

@@ -353,7 +353,7 @@ def test_inductor_blocks_match_the_eager_network_in_bf16(in_res, out_res):
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("offset", [1.0, 50.0])
-@pytest.mark.parametrize("row_blocks, fused_grads", [(1, False), (3, False), (1, True)])
+@pytest.mark.parametrize("row_blocks, fused_grads", [(1, False), (3, False), (3, True)])
 def test_the_compiled_groupnorm_is_torchs_and_keeps_the_layout(layout, backend, offset, row_blocks, fused_grads):
     """flexi_unet.GroupNorm compiled (from per-channel statistics, whole or over blocks of rows, its backward derived
     by autograd or written out) gives nn.GroupNorm's output and gradients, as computed in float64, also for values
