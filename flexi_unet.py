@@ -544,7 +544,8 @@ class UNet(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Compute: forward GFLOPs of one image, as torch.utils.flop_counter counts them (2 x multiply-adds)
+# Compute: forward GFLOPs of one image, as torch.utils.flop_counter counts them (2 x multiply-adds), and the values
+# its GroupNorms normalise: the memory-bound work, which no kernel does in fewer than a read and a write of each
 
 
 def meta_model(config):
@@ -554,8 +555,12 @@ def meta_model(config):
 
 
 @functools.lru_cache(maxsize=None)
-def _path_gflops(config, in_res, out_res):
+def _path_work(config, in_res, out_res):
+    """(forward GFLOPs, GroupNorm values) of one image on a path."""
     model = meta_model(config)
+    norm_values = []
+    for norm in (m for m in model.modules() if isinstance(m, nn.GroupNorm)):
+        norm.register_forward_hook(lambda module, args, out: norm_values.append(args[0].numel()))
     x = torch.zeros(1, config.in_channels, in_res, in_res, device="meta")
     t = torch.zeros(1, dtype=torch.long, device="meta")
     cond = torch.zeros(1, config.cond_channels, in_res, in_res, device="meta") if config.cond_channels else None
@@ -563,7 +568,14 @@ def _path_gflops(config, in_res, out_res):
     # (it misses the fused CPU kernel).
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         model(x, t, out_res, cond=cond)
-    return counter.get_total_flops() / 1e9
+    return counter.get_total_flops() / 1e9, sum(norm_values)
+
+
+def _shared_config(model, in_res, out_res):
+    """The config whose path in_res -> out_res costs what the model's does (checked to be one of its paths)."""
+    model.path_levels(in_res, out_res)
+    # A path's cost does not depend on how many other levels the model serves: share the count between them.
+    return replace(model.config, levels=len(model.config.channel_mult))
 
 
 def path_gflops(model, in_res, out_res):
@@ -571,19 +583,31 @@ def path_gflops(model, in_res, out_res):
 
     Cached per (config, path), so cheap enough to call at every training step for the MFU log. Pass the UNet
     itself or its torch.compile wrapper (not a DDP wrapper: use its .module)."""
-    model.path_levels(in_res, out_res)
-    # A path's cost does not depend on how many other levels the model serves: share the count between them.
-    config = replace(model.config, levels=len(model.config.channel_mult))
-    return _path_gflops(config, in_res, out_res)
+    return _path_work(_shared_config(model, in_res, out_res), in_res, out_res)[0]
+
+
+def path_norm_values(model, in_res, out_res):
+    """The values one image's GroupNorms normalise on the path in_res -> out_res (cached as path_gflops)."""
+    return _path_work(_shared_config(model, in_res, out_res), in_res, out_res)[1]
 
 
 def average_gflops(model, scale_space):
-    """Forward GFLOPs per image averaged uniformly over the T steps: at step t the input is at r(t) and the
-    output at r(t-1) (full resolution at t = 0)."""
+    """Forward GFLOPs per image averaged uniformly over the T steps (step_average)."""
+    return step_average(path_gflops, model, scale_space)
+
+
+def average_norm_values(model, scale_space):
+    """GroupNorm values per image averaged uniformly over the T steps (step_average)."""
+    return step_average(path_norm_values, model, scale_space)
+
+
+def step_average(path_cost, model, scale_space):
+    """path_cost(model, in_res, out_res) averaged over the T steps: at step t the input is at r(t) and the output
+    at r(t-1) (full resolution at t = 0)."""
     total = 0.0
     for t in range(scale_space.T):
         out_res = scale_space.res(t - 1) if t > 0 else model.config.res
-        total += path_gflops(model, scale_space.res(t), out_res)
+        total += path_cost(model, scale_space.res(t), out_res)
     return total / scale_space.T
 
 
@@ -606,11 +630,15 @@ def print_paths(res, levels):
     print(f"Flexi-UNet {res} px, {levels} levels: {parameter_count(model) / 1e6:.2f}M parameters")
     for r in model.served_resolutions():
         for out_res in (r, 2 * r) if r < res else (r,):
-            print(f"  {r:4d} -> {out_res:4d}  {path_gflops(model, r, out_res):8.2f} GFLOPs")
-    print(f"  average over the T steps: {average_gflops(model, ScaleSpace(res, levels)):.2f} GFLOPs")
+            print(f"  {r:4d} -> {out_res:4d}  {path_gflops(model, r, out_res):8.2f} GFLOPs  "
+                  f"{path_norm_values(model, r, out_res) / 1e6:6.2f}M GroupNorm values")
+    space = ScaleSpace(res, levels)
+    print(f"  average over the T steps: {average_gflops(model, space):.2f} GFLOPs  "
+          f"{average_norm_values(model, space) / 1e6:6.2f}M GroupNorm values")
     full = meta_model(paper_config(res, 1, flexi=False))
     print(f"Full UNet {res} px: {parameter_count(full) / 1e6:.2f}M parameters, "
-          f"{path_gflops(full, res, res):.2f} GFLOPs at every step")
+          f"{path_gflops(full, res, res):.2f} GFLOPs and {path_norm_values(full, res, res) / 1e6:.2f}M GroupNorm "
+          "values at every step")
 
 
 def print_table():

@@ -6,8 +6,8 @@ import torch
 
 from degrade import ScaleSpace
 import torch.nn.functional as F
-from flexi_unet import (Block, Downsample, GroupNorm, UNet, UNetConfig, Upsample, average_gflops, memory_format,
-                        paper_config, parameter_count, path_gflops, tiny_config)
+from flexi_unet import (Block, Downsample, GroupNorm, UNet, UNetConfig, Upsample, average_gflops, average_norm_values,
+                        memory_format, paper_config, parameter_count, path_gflops, path_norm_values, tiny_config)
 
 
 def randomized(model, seed=0):
@@ -306,6 +306,20 @@ def test_average_gflops_follows_the_schedule():
     steps = {(16, 16): 555, (8, 16): 1, (8, 8): 333, (4, 8): 1, (4, 4): 110}
     expected = sum(n * path_gflops(model, *path) for path, n in steps.items()) / 1000
     assert average_gflops(model, ScaleSpace(16, 3)) == pytest.approx(expected, rel=1e-12)
+    expected = sum(n * path_norm_values(model, *path) for path, n in steps.items()) / 1000
+    assert average_norm_values(model, ScaleSpace(16, 3)) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("path", [(16, 16), (8, 16), (4, 4)])
+def test_groupnorm_values_are_what_the_network_normalises(path):
+    """path_norm_values (hooks on a model of shapes only) against roofline's count of every native_group_norm's
+    input on a real forward of two images."""
+    import roofline
+    model = UNet(tiny_config(16, 3))
+    in_res, out_res = path
+    with roofline.WorkCounter() as counter:
+        model(torch.randn(2, 3, in_res, in_res), torch.tensor([900, 900]), out_res)
+    assert counter.norm_values == 2 * path_norm_values(model, in_res, out_res) > 0
 
 
 def test_paper_model_size_and_compute_at_64px():
