@@ -141,9 +141,9 @@ class GroupNorm(nn.GroupNorm):
     variances plus the variance of their means. With row_blocks > 1 each channel's statistics are taken over that
     many equal blocks of rows and combined the same way: more, shorter reductions, so more of them run side by side.
     With fused_grads the backward is written out (GroupNormGrads) rather than derived by autograd, its sums over
-    the pixels taken over the same blocks of rows. Eager runs keep
-    the native kernel, and so do compiled ones with per_channel False (UNet.compile_blocks). Statistics and output
-    in fp32, as autocast runs GroupNorm. x: (batch, channels, height, width)."""
+    the pixels taken over the same blocks of rows. Eager runs keep the native kernel, and so do compiled ones with
+    per_channel False (UNet.compile_blocks). Statistics and output in fp32, as autocast runs GroupNorm.
+    x: (batch, channels, height, width)."""
 
     per_channel = True
     row_blocks = 1
@@ -545,7 +545,7 @@ class UNet(nn.Module):
 
 # -----------------------------------------------------------------------------
 # Compute: forward GFLOPs of one image, as torch.utils.flop_counter counts them (2 x multiply-adds), and the values
-# its GroupNorms normalise: the memory-bound work, which no kernel does in fewer than a read and a write of each
+# its GroupNorms normalise, the memory-bound work: each is read and written at least once.
 
 
 def meta_model(config):
