@@ -160,13 +160,17 @@ class GroupNorm(nn.GroupNorm):
 
 def group_stats(x, groups, eps, row_blocks=1):
     """Each image's and group's mean and 1/std, (batch, groups, 1), from per-channel statistics over row_blocks
-    blocks of rows (as many as divide the height), combined exactly (GroupNorm)."""
-    blocks = math.gcd(row_blocks, x.shape[2])
-    var_b, mean_b = torch.var_mean(x.unflatten(2, (blocks, -1)), dim=(3, 4), correction=0)  # (B, C, blocks)
+    blocks of rows, combined exactly (GroupNorm)."""
+    var_b, mean_b = torch.var_mean(row_blocks_of(x, row_blocks), dim=(3, 4), correction=0)  # (B, C, blocks)
     var_b, mean_b = (s.unflatten(1, (groups, -1)).flatten(2) for s in (var_b, mean_b))  # (B, G, n)
     mean = mean_b.mean(2, keepdim=True)
     var = var_b.mean(2, keepdim=True) + (mean_b - mean).square().mean(2, keepdim=True)
     return mean, torch.rsqrt(var + eps)
+
+
+def row_blocks_of(x, row_blocks):
+    """(B, C, H, W) -> (B, C, blocks, H / blocks, W): as many equal blocks of rows as row_blocks and H allow."""
+    return x.unflatten(2, (math.gcd(row_blocks, x.shape[2]), -1))
 
 
 def per_channel(group_stat, channels):
@@ -195,7 +199,7 @@ class GroupNormGrads(torch.autograd.Function):
         x32 = x.float()
         mean, rstd = group_stats(x32, groups, eps, row_blocks)
         ctx.save_for_backward(x, weight, mean, rstd)  # x in its own dtype: bf16 under autocast, half of fp32's memory
-        ctx.blocks = math.gcd(row_blocks, x.shape[2])
+        ctx.row_blocks = row_blocks
         return normalize(x32, mean, rstd, weight, bias)
 
     @staticmethod
@@ -204,7 +208,7 @@ class GroupNormGrads(torch.autograd.Function):
         _, channels, height, width = x.shape
         groups = mean.shape[1]
         x_hat = (x.float() - per_channel(mean, channels)) * per_channel(rstd, channels)
-        channel_sums = lambda t: t.unflatten(2, (ctx.blocks, -1)).sum((3, 4)).sum(2)  # (B, C)
+        channel_sums = lambda t: row_blocks_of(t, ctx.row_blocks).sum((3, 4)).sum(2)  # (B, C)
         sum_dy, sum_dy_x_hat = channel_sums(dy), channel_sums(dy * x_hat)
         values_per_group = channels // groups * height * width
         group_mean = lambda sums: (weight * sums).unflatten(1, (groups, -1)).sum(2, keepdim=True) / values_per_group
