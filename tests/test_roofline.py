@@ -215,8 +215,24 @@ def test_the_groupnorm_table_counts_the_passes_the_pair_needs():
     """bench.py --groupnorm: each form's rate is NORM_PASSES passes over the activation in its time."""
     import bench
     activation_bytes = 2 * 128 * 128 * 64 * 64
-    row = dict(shape="128 x 128 x 64 x 64", form="per-channel", ms=1.0, gbs=bench.NORM_PASSES * activation_bytes / 1e6)
+    row = dict(shape="128 x 128 x 64 x 64", form="per-channel", tuning="fixed", ms=1.0,
+               gbs=bench.NORM_PASSES * activation_bytes / 1e6)
     table = bench.groupnorm_markdown([row], copy_gbs=3000.0)
-    assert "| 128 x 128 x 64 x 64 | per-channel | 1.000 | 1,074 | 36% |" in table  # 8 x 134 MB in 1 ms
+    assert "| 128 x 128 x 64 x 64 | per-channel | fixed | 1.000 | 1,074 | 36% |" in table  # 8 x 134 MB in 1 ms
     assert set(bench.NORM_FORMS.values()) == {(False, 1, False), (True, 1, False), (True, 8, False), (True, 1, True),
-                                              (True, 8, True)}
+                                              (True, 4, True), (True, 8, True), (True, 16, True), (True, 32, True)}
+
+
+@pytest.mark.parametrize("tuning", ["fixed", "coordinate descent"])
+def test_each_groupnorm_form_compiles_with_inductors_options(monkeypatch, tuning):
+    """bench.py --groupnorm's timed step, on the CPU: Inductor takes the tuning's options, and the step runs the
+    form's forward and backward (the timing itself needs CUDA: one call stands in for it)."""
+    import bench
+    from flexi_unet import GroupNorm
+    calls = []
+    monkeypatch.setattr(bench.roofline, "cuda_seconds", lambda step: calls.append(step()) or 1.0)
+    norm = GroupNorm(2, 4)
+    form = bench.NORM_FORMS["per-channel, 4 row blocks, backward written out"]
+    norm.per_channel, norm.row_blocks, norm.fused_grads = form
+    x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    assert bench.norm_seconds(norm, x, bench.TUNINGS[tuning]) == 1.0 and len(calls) == 1
