@@ -16,8 +16,14 @@ GRAPH_MAX_VALUES = 128 * 3 * 64 * 64
 
 
 class PathGraphs:
-    """One graph per (path, micro-batch size). Gradients land in persistent buffers that replays accumulate into;
-    all graphs share one memory pool, since only one runs at a time."""
+    """One graph per (path, micro-batch size, whether it is the step's first micro-batch). Gradients land in
+    persistent buffers, one per parameter, shared by all graphs, as is the graphs' memory pool: one graph runs at a
+    time.
+
+    Each graph takes its gradients from torch.autograd.grad as new tensors, then writes them into the buffers with
+    one multi-tensor kernel: a copy for the step's first micro-batch, an addition for the others. Autograd's own
+    accumulation (loss.backward() into set .grad buffers) would launch an addition per parameter, some hundred small
+    kernels per replay, after zeroing the buffers with another pass."""
 
     def __init__(self, params):
         self.params = params
@@ -31,20 +37,19 @@ class PathGraphs:
     def backward(self, key, loss_fn, inputs, first):
         """loss_fn(*inputs).backward() by replay, recording it on the first call for key; returns the loss.
 
-        first: the step's first micro-batch, whose replay starts from zero gradients."""
+        first: the step's first micro-batch, whose gradients replace what the buffers held; later ones add to it."""
+        key = (*key, first)
         if key not in self.graphs:
-            self.graphs[key] = self.capture(loss_fn, inputs)
+            self.graphs[key] = self.capture(loss_fn, inputs, first)
         graph, static, on_path, loss = self.graphs[key]
-        if first:
-            torch._foreach_zero_([buffer for _, buffer in on_path])
-        for p, buffer in on_path:  # the optimiser sets .grad to None after each step; blocks off the path keep None
-            p.grad = buffer
         for target, value in zip(static, inputs):
             target.copy_(value)
         graph.replay()
+        for p, buffer in on_path:  # the optimiser sets .grad to None after each step; blocks off the path keep None
+            p.grad = buffer
         return loss.clone()  # the next replay overwrites the graph's loss
 
-    def capture(self, loss_fn, inputs):
+    def capture(self, loss_fn, inputs, first):
         """Record loss_fn's forward and backward. Two warm-up runs on a side stream come first (cuDNN and cuBLAS
         workspaces, autotuning); they also find the parameters on the path: those that receive a gradient."""
         for p in self.params:
@@ -59,14 +64,15 @@ class PathGraphs:
             self.grad_buffers = [torch.zeros_like(p) for p in self.params]
             self.pool = torch.cuda.graph_pool_handle()
         on_path = [(p, buffer) for p, buffer in zip(self.params, self.grad_buffers) if p.grad is not None]
-        torch._foreach_zero_([buffer for _, buffer in on_path])
-        for p, buffer in on_path:
-            p.grad = buffer
+        for p in self.params:
+            p.grad = None
+        params, buffers = (list(column) for column in zip(*on_path))
+        write = torch._foreach_copy_ if first else torch._foreach_add_
         static = [x.clone() for x in inputs]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             loss = loss_fn(*static)
-            loss.backward()
+            write(buffers, torch.autograd.grad(loss, params))
         return graph, static, on_path, loss.detach()  # no autograd graph kept: it would pin the capture stream
 
     def clear(self):

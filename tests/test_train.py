@@ -200,6 +200,47 @@ def test_cuda_graphs_train_as_eager_does(tmp_path, cache_dir, method):
                                                                        rel=1e-3)
 
 
+def test_recorded_paths_write_the_gradients_backward_would(monkeypatch):
+    """PathGraphs on the CPU, CUDA's graph calls standing in as plain calls (a recording runs its work once; a replay
+    does nothing), so each micro-batch here records a graph of its own: the first micro-batch's gradients replace
+    the buffers' stale values, the second's add to them, as loss.backward() accumulates, and parameters off the
+    path keep no gradient."""
+    import contextlib
+    import cuda_graphs
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            pass
+
+    for name, value in dict(Stream=Stream, current_stream=Stream, stream=lambda s: contextlib.nullcontext(),
+                            graph_pool_handle=lambda: None, CUDAGraph=Graph,
+                            graph=lambda g, pool: contextlib.nullcontext()).items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 2), torch.nn.Linear(2, 2))
+    net[2].requires_grad_(False)  # a block off the path
+    loss_of = lambda x: net(x).square().sum()
+    batches = [torch.randn(3, 4) for _ in range(2)]
+    for x in batches:
+        loss_of(x).backward()
+    expected = [p.grad for p in net.parameters()]
+    graphs = cuda_graphs.PathGraphs(list(net.parameters()))
+    graphs.grad_buffers = [torch.full_like(p, 7.0) for p in net.parameters()]  # what an earlier step left
+    graphs.pool = None
+    net.zero_grad(set_to_none=True)
+    losses = [graphs.backward(("8->8", 3), loss_of, [x], first=i == 0) for i, x in enumerate(batches)]
+    for p, grad in zip(net.parameters(), expected):
+        assert (p.grad is None) == (grad is None)
+        if grad is not None:
+            torch.testing.assert_close(p.grad, grad)
+    torch.testing.assert_close(losses[1], loss_of(batches[1]).detach())
+    assert set(graphs.graphs) == {("8->8", 3, True), ("8->8", 3, False)}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("graphs", ["True", "False"])
 def test_a_cuda_training_step_never_waits_for_the_gpu(tmp_path, cache_dir, graphs):
