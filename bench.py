@@ -126,9 +126,9 @@ def bench_kernel_bandwidth(run, cfg, data, path_names, ceiling):
 NORM_FORMS = {"torch's": (False, 1, False), "per-channel": (True, 1, False),
               "per-channel, 8 row blocks": (True, 8, False), "per-channel, backward written out": (True, 1, True),
               **{f"per-channel, {n} row blocks, backward written out": (True, n, True) for n in (4, 8, 16, 32)}}
-# Inductor picks each kernel's block sizes from a few fixed configurations; with coordinate_descent_tuning it times
-# their neighbours too, a few seconds more per kernel. --groupnorm times the default and the fastest form again
-# with it at the full resolution: whether the kernels or their configurations are slow.
+# Inductor picks each kernel's block sizes from a few fixed configurations; with coordinate_descent_tuning it also
+# times their neighbours, at the cost of a longer compilation. --groupnorm times the default and the fastest form
+# again with it at the full resolution: whether the kernels or their configurations are slow.
 TUNINGS = {"fixed": {}, "coordinate descent": {"coordinate_descent_tuning": True}}
 # A GroupNorm followed by SiLU, as the network runs it, moves its input's size in bf16 at least 8 times: forward,
 # the statistics read it and the output pass reads it and writes the output; backward, the statistics read the
