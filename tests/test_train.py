@@ -230,7 +230,6 @@ def test_recorded_paths_write_the_gradients_backward_would(monkeypatch):
     expected = [p.grad for p in net.parameters()]
     graphs = cuda_graphs.PathGraphs(list(net.parameters()))
     graphs.grad_buffers = [torch.full_like(p, 7.0) for p in net.parameters()]  # what an earlier step left
-    graphs.pool = None
     net.zero_grad(set_to_none=True)
     losses = [graphs.backward(("8->8", 3), loss_of, [x], first=i == 0) for i, x in enumerate(batches)]
     for p, grad in zip(net.parameters(), expected):
